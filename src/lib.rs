@@ -6,3 +6,6 @@
 //! [`eval`] scores predictions against gold data read by [`data`].
 pub mod data;
 pub mod eval;
+pub mod encoder;
+pub mod paths;
+pub mod train;

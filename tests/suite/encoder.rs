@@ -1,0 +1,113 @@
+//! Parity with the reference PyTorch implementation and the encoder's edge cases.
+
+use nearspan::encoder::{sentence_vector, EncoderError, ForwardMode, TokenizedText};
+use serde::Deserialize;
+
+use crate::common::encoder;
+
+#[derive(Deserialize)]
+struct Fixture {
+    sentences: Vec<FixtureSentence>,
+}
+
+#[derive(Deserialize)]
+struct FixtureSentence {
+    text: String,
+    input_ids: Vec<u32>,
+    offsets: Vec<(usize, usize)>,
+    tokens: Vec<String>,
+    last_hidden_state: Vec<Vec<f32>>,
+    mean_pooled_normalized: Vec<f32>,
+}
+
+fn fixture() -> Fixture {
+    let path = nearspan::paths::shared_fixtures_dir().join("minilm_reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixture parses")
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn tokenization_matches_reference() {
+    for s in fixture().sentences {
+        let t = encoder().tokenize(&s.text).unwrap();
+        assert_eq!(t.ids, s.input_ids, "{}", s.text);
+        assert_eq!(t.tokens, s.tokens, "{}", s.text);
+        assert_eq!(t.offsets, s.offsets, "{}", s.text);
+    }
+}
+
+/// The fixture was made as one padded batch; so is this forward pass.
+#[test]
+fn hidden_states_and_pooled_vectors_match_reference_within_1e_4() {
+    let fx = fixture();
+    let texts: Vec<&str> = fx.sentences.iter().map(|s| s.text.as_str()).collect();
+    let tokenized: Vec<TokenizedText> = encoder().tokenize_all(&texts).unwrap();
+    let batch: Vec<&TokenizedText> = tokenized.iter().collect();
+    let out = encoder().forward(&batch, ForwardMode::Inference).unwrap();
+    let (_, t, dim) = out.dims3().unwrap();
+    let flat = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (row, s) in fx.sentences.iter().enumerate() {
+        let n = s.input_ids.len();
+        let ours = &flat[row * t * dim..(row * t + n) * dim];
+        let reference: Vec<f32> = s.last_hidden_state.concat();
+        worst = worst.max(max_abs_diff(ours, &reference));
+        let pooled = sentence_vector(ours, dim);
+        worst = worst.max(max_abs_diff(&pooled, &s.mean_pooled_normalized));
+    }
+    assert!(worst <= 1e-4, "max abs error {worst} > 1e-4");
+}
+
+/// Length-sorted batching (`encode`) must give the same vectors as one text at a time.
+#[test]
+fn batching_and_padding_do_not_change_vectors() {
+    let fx = fixture();
+    let texts: Vec<&str> = fx.sentences.iter().map(|s| s.text.as_str()).collect();
+    let batched = encoder().encode(&texts, 3).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let single = &encoder().encode(&[text], 1).unwrap()[0];
+        let err = max_abs_diff(&batched[i].hidden, &single.hidden);
+        assert!(err < 1e-4, "text {i}: {err}");
+        assert_eq!(batched[i].tokens, single.tokens);
+    }
+}
+
+#[test]
+fn over_long_input_is_an_error_naming_the_text_not_a_panic() {
+    let long = "word ".repeat(600);
+    let err = encoder().encode(&["short", &long], 8).unwrap_err();
+    assert!(matches!(err, EncoderError::TooLong { index: 1, max: 512, .. }), "{err}");
+    assert!(err.to_string().contains("at most 512"), "{err}");
+}
+
+#[test]
+fn empty_text_encodes_to_cls_sep() {
+    let out = encoder().encode(&[""], 1).unwrap();
+    assert_eq!(out[0].tokens.tokens, ["[CLS]", "[SEP]"]);
+    assert_eq!(out[0].hidden.len(), 2 * out[0].dim);
+}
+
+#[test]
+fn words_align_to_their_sub_tokens() {
+    let text = "add step to me to the 50 clásicos playlist";
+    let words = nearspan::data::segment_words(text);
+    let t = encoder().tokenize(text).unwrap();
+    let ranges = t.align_words(&words);
+    assert_eq!(ranges.len(), words.len());
+    // Every non-special token belongs to exactly one word, in order.
+    let covered: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+    assert_eq!(covered, (1..t.len() - 1).collect::<Vec<_>>());
+    assert!(ranges.iter().all(|r| !r.is_empty()));
+}
+
+#[test]
+fn missing_model_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = nearspan::encoder::Encoder::load(dir.path()).err().expect("must fail");
+    assert!(err.to_string().contains("missing config.json"), "{err}");
+}

@@ -1,0 +1,8 @@
+//! One integration-test binary (linking candle once), a module per area.
+
+#[path = "suite/common.rs"]
+mod common;
+#[path = "suite/encoder.rs"]
+mod encoder;
+#[path = "suite/train.rs"]
+mod train;
