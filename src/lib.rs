@@ -9,3 +9,8 @@ pub mod eval;
 pub mod encoder;
 pub mod paths;
 pub mod train;
+pub mod spans;
+pub mod decode;
+pub mod labeler;
+pub mod cli;
+pub mod bench;

@@ -1,0 +1,184 @@
+//! Few-shot slot filling on SNIPS, the protocol of Hou et al. (2020): for each of the 7
+//! target domains, 100 episodes; index each episode's support set, label its query
+//! set, score strict span F1 per episode, average over episodes, then over domains.
+//!
+//! The decision threshold is chosen on the dev domain (target k → dev k+1, cyclic),
+//! never on the target.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::builder::TypedValueParser as _;
+use clap::Args;
+use nearspan_index::{BackendKind, HnswParams, SpanIndex};
+
+use crate::cli::{BuildArgs, ModelArg, QuerySettings};
+use crate::data::{read_fewshot, Episode, Example};
+use crate::encoder::{EncodedText, Encoder};
+use crate::eval::Evaluator;
+use crate::labeler::{self, BuildConfig, QueryConfig, Retrieved};
+
+/// SNIPS domain of each fold, in Hou et al.'s order (We, Mu, Pl, Bo, Se, Re, Cr).
+pub const DOMAINS: [&str; 7] =
+    ["GetWeather", "PlayMusic", "AddToPlaylist", "RateBook", "SearchScreeningEvent", "BookRestaurant", "SearchCreativeWork"];
+
+#[derive(Debug, Args)]
+pub struct FewshotArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// The snips_fewshot folder (holding xval_snips_shot_{1,5}_out_{1..7}).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// 1 or 5.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["1", "5"]).map(|s| s.parse::<usize>().unwrap_or(1)))]
+    pub shots: usize,
+    /// Only the first N episodes of each domain (for quick runs; the benchmark uses all 100).
+    #[arg(long)]
+    pub episodes: Option<usize>,
+    /// Dev-domain episodes used to choose the threshold.
+    #[arg(long, default_value_t = 50)]
+    pub dev_episodes: usize,
+    /// Use --threshold as given instead of choosing it on the dev domain.
+    #[arg(long)]
+    pub no_tune: bool,
+    /// Results file to update.
+    #[arg(long, default_value = "benches/results/fewshot_snips.json")]
+    pub out: PathBuf,
+    /// Entry to write in the results file, e.g. retrieval_untrained.
+    #[arg(long, default_value = "retrieval_untrained")]
+    pub key: String,
+    #[command(flatten)]
+    pub build: BuildArgs,
+    #[command(flatten)]
+    pub settings: QuerySettings,
+}
+
+/// Thresholds tried on the dev domain.
+const THRESHOLD_GRID: [f32; 12] = [0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9];
+
+/// Encodes every distinct text once, however many episodes reuse it.
+struct EncodingCache<'a> {
+    encoder: &'a Encoder,
+    batch_size: usize,
+    map: HashMap<String, EncodedText>,
+}
+
+impl EncodingCache<'_> {
+    fn fill(&mut self, episodes: &[Episode]) -> Result<()> {
+        let mut todo: Vec<&str> = Vec::new();
+        for ep in episodes {
+            for ex in ep.support.iter().chain(&ep.query) {
+                if !self.map.contains_key(&ex.text) && !todo.contains(&ex.text.as_str()) {
+                    todo.push(&ex.text);
+                }
+            }
+        }
+        let encoded = self.encoder.encode(&todo, self.batch_size)?;
+        for (t, e) in todo.into_iter().zip(encoded) {
+            self.map.insert(t.to_string(), e);
+        }
+        Ok(())
+    }
+
+    fn get(&self, examples: &[Example]) -> Vec<EncodedText> {
+        examples.iter().map(|e| self.map[&e.text].clone()).collect()
+    }
+}
+
+/// Retrieval results of one episode's queries against its support set.
+struct EpisodeRun {
+    index: SpanIndex,
+    retrieved: Vec<Retrieved>,
+}
+
+fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &QueryConfig) -> Result<EpisodeRun> {
+    let info = labeler::encoder_info(cache.encoder, build);
+    let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default())?;
+    labeler::add_encoded(&mut index, &ep.support, &cache.get(&ep.support), build)?;
+    let retrieved = labeler::retrieve_encoded(&index, &ep.query, &cache.get(&ep.query), build, cfg);
+    Ok(EpisodeRun { index, retrieved })
+}
+
+/// Strict span F1 (percent) of one episode at `cfg`'s threshold.
+fn episode_f1(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig) -> Result<f64> {
+    let mut ev = Evaluator::new();
+    for (gold, r) in ep.query.iter().zip(&run.retrieved) {
+        let p = labeler::decide(&run.index, gold, r, cfg);
+        ev.add(gold, &p.to_example(gold))?;
+    }
+    Ok(100.0 * ev.report().micro.f1)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 }
+}
+
+fn load_domain(data: &std::path::Path, shots: usize, fold: usize) -> Result<Vec<Episode>> {
+    let path = data.join(format!("xval_snips_shot_{shots}_out_{fold}")).join("test.json");
+    let mut domains = read_fewshot(&path)?;
+    let (_, episodes) = domains.pop().with_context(|| format!("{}: no domain inside", path.display()))?;
+    Ok(episodes)
+}
+
+pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
+    let encoder = a.model.load()?;
+    let build = a.build.config();
+    let base_cfg = a.settings.config()?;
+    let mut cache = EncodingCache { encoder: &encoder, batch_size: base_cfg.batch_size, map: HashMap::new() };
+    let started = std::time::Instant::now();
+    let mut per_domain = serde_json::Map::new();
+    let mut thresholds = serde_json::Map::new();
+    let mut f1s = Vec::new();
+    for fold in 1..=7 {
+        let dev_fold = fold % 7 + 1;
+        let mut target = load_domain(&a.data, a.shots, fold)?;
+        target.truncate(a.episodes.unwrap_or(usize::MAX));
+        let mut cfg = base_cfg;
+        if !a.no_tune {
+            let mut dev = load_domain(&a.data, a.shots, dev_fold)?;
+            dev.truncate(a.dev_episodes);
+            cache.fill(&dev)?;
+            let runs: Vec<EpisodeRun> = dev.iter().map(|ep| run_episode(&cache, ep, &build, &cfg)).collect::<Result<_>>()?;
+            let mut best = (f64::NEG_INFINITY, cfg.threshold);
+            for t in THRESHOLD_GRID {
+                let c = QueryConfig { threshold: t, ..cfg };
+                let f1 = mean(&runs.iter().zip(&dev).map(|(r, ep)| episode_f1(r, ep, &c)).collect::<Result<Vec<_>>>()?);
+                if f1 > best.0 {
+                    best = (f1, t);
+                }
+            }
+            cfg.threshold = best.1;
+        }
+        cache.fill(&target)?;
+        let scores: Vec<f64> = target
+            .iter()
+            .map(|ep| episode_f1(&run_episode(&cache, ep, &build, &cfg)?, ep, &cfg))
+            .collect::<Result<_>>()?;
+        let f1 = mean(&scores);
+        let domain = DOMAINS[fold - 1];
+        writeln!(out, "{domain:<22} F1 {f1:6.2}  ({} episodes, threshold {:.2}, {:.0}s)", scores.len(), cfg.threshold, started.elapsed().as_secs_f64())?;
+        per_domain.insert(domain.into(), serde_json::json!((f1 * 100.0).round() / 100.0));
+        thresholds.insert(domain.into(), serde_json::json!(cfg.threshold));
+        f1s.push(f1);
+        cache.map.retain(|_, _| false); // each file is used by two folds; memory stays bounded
+    }
+    let avg = mean(&f1s);
+    writeln!(out, "{:<22} F1 {avg:6.2}", "average")?;
+    let result = serde_json::json!({
+        "avg_f1": (avg * 100.0).round() / 100.0,
+        "per_domain": per_domain,
+        "thresholds_chosen_on_dev": thresholds,
+        "episodes_per_domain": a.episodes.unwrap_or(100),
+        "settings": {
+            "model": encoder.info().id, "pooling": build.pooling.name(), "max_width": build.max_width,
+            "o_spans": build.index_o_spans, "k": base_cfg.k, "decoder": format!("{:?}", base_cfg.strategy),
+            "tuned": !a.no_tune,
+        },
+        "seconds": started.elapsed().as_secs_f64().round(),
+    });
+    crate::bench::merge_result(&a.out, &[&a.key, &format!("{}shot", a.shots)], result)?;
+    writeln!(out, "wrote {} [{}][{}shot]", a.out.display(), a.key, a.shots)?;
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! Command-line interface: clap arguments, validated into settings, then one library
+//! call per subcommand. Output goes to the writer it is given; errors are returned
+//! (the binary prints them once).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::builder::TypedValueParser as _;
+use clap::{Args, Parser, Subcommand};
+use nearspan_index::{BackendKind, HnswParams, SpanIndex};
+
+use crate::data::{self, Example, Format};
+use crate::decode::Strategy;
+use crate::encoder::{Encoder, SpanPooling};
+use crate::eval::Evaluator;
+use crate::labeler::{self, BuildConfig, IntentAggregation, Prediction, QueryConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "nearspan", version, about = "Few-shot intent and slot labeling by retrieving labeled example spans")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Encode texts: one JSON line per text with tokens, offsets and the sentence vector.
+    Encode(EncodeArgs),
+    /// Inspect datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Build, extend and describe span indexes.
+    #[command(subcommand)]
+    Index(IndexCommand),
+    /// Label utterances with intents and slots, explained by their nearest examples.
+    Query(QueryArgs),
+    /// Score predictions against gold data (from files, or by labeling with an index).
+    Eval(EvalArgs),
+    /// Run the benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArg {
+    /// Model folder in Hugging Face layout (config.json, model.safetensors, tokenizer.json).
+    /// Default: $NEARSPAN_MODEL, ../shared/models/all-minilm-l6-v2 or models/all-minilm-l6-v2.
+    #[arg(long, env = "NEARSPAN_MODEL")]
+    pub model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    pub(crate) fn load(&self) -> Result<Encoder> {
+        let dir = match &self.model {
+            Some(d) => d.clone(),
+            None => crate::paths::default_model_dir().with_context(|| {
+                format!(
+                    "no model found (looked in {:?}); pass --model DIR or run scripts/setup",
+                    crate::paths::default_model_candidates()
+                )
+            })?,
+        };
+        Ok(Encoder::load(&dir)?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Texts to encode.
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Counts per split, label inventories, span widths and a validation report.
+    /// Exits non-zero on malformed input.
+    Stats {
+        /// A dataset file or folder.
+        path: PathBuf,
+        /// jointbert, fewshot, clinc, conll or jsonl (detected when omitted).
+        #[arg(long)]
+        format: Option<Format>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Maximum span width in words.
+    #[arg(long, default_value_t = crate::spans::DEFAULT_MAX_WIDTH, value_parser = clap::value_parser!(u32).range(1..=64).map(|v| v as usize))]
+    pub max_width: usize,
+    /// Span pooling: mean or start-end.
+    #[arg(long, default_value = "mean")]
+    pub pooling: SpanPooling,
+    /// Do not index non-slot spans; a threshold alone then decides what is a slot.
+    #[arg(long)]
+    pub no_o_spans: bool,
+    /// exact, hnsw-rs, usearch or auto (exact while small).
+    #[arg(long, default_value = "auto", value_parser = parse_backend)]
+    pub backend: BackendKind,
+}
+
+impl BuildArgs {
+    pub(crate) fn config(&self) -> BuildConfig {
+        BuildConfig { max_width: self.max_width, pooling: self.pooling, index_o_spans: !self.no_o_spans }
+    }
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    match s {
+        "exact" => Ok(BackendKind::Exact),
+        "hnsw-rs" | "hnsw_rs" => Ok(BackendKind::HnswRs),
+        "usearch" => Ok(BackendKind::Usearch),
+        "auto" => Ok(BackendKind::Auto),
+        other => Err(format!("unknown backend {other:?}; expected exact, hnsw-rs, usearch or auto")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Build an index from labeled examples.
+    Build {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Labeled examples, in any supported format (JSONL: one {"text","intent","spans"} per line).
+        #[arg(long)]
+        examples: PathBuf,
+        /// Which split to index when EXAMPLES holds several (default: train, or the only one).
+        #[arg(long)]
+        split: Option<String>,
+        /// The index file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        build: BuildArgs,
+    },
+    /// Add labeled examples to an existing index (only they are encoded).
+    Add {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        examples: PathBuf,
+        #[arg(long)]
+        split: Option<String>,
+    },
+    /// Counts of examples, spans and labels; encoder; format version.
+    Info {
+        #[arg(long)]
+        index: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct QuerySettings {
+    /// Neighbours retrieved per candidate span.
+    #[arg(long, default_value_t = QueryConfig::default().k)]
+    pub k: usize,
+    /// Similarity below which a span is never a slot.
+    #[arg(long, default_value_t = QueryConfig::default().threshold)]
+    pub threshold: f32,
+    /// greedy or best-average.
+    #[arg(long, default_value = "greedy")]
+    pub decoder: Strategy,
+    /// Utterance neighbours retrieved for the intent.
+    #[arg(long, default_value_t = QueryConfig::default().intent_k)]
+    pub intent_k: usize,
+    /// max or mean.
+    #[arg(long, default_value = "max")]
+    pub intent_aggregation: IntentAggregation,
+    /// Answer "oos" when the best intent scores below this.
+    #[arg(long)]
+    pub oos_threshold: Option<f32>,
+    /// Neighbours shown per decision.
+    #[arg(long, default_value_t = 3)]
+    pub explain: usize,
+    /// Texts per encoder batch.
+    #[arg(long, default_value_t = crate::encoder::DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=4096).map(|v| v as usize))]
+    pub batch_size: usize,
+}
+
+impl QuerySettings {
+    pub(crate) fn config(&self) -> Result<QueryConfig> {
+        if !(-1.0..=1.0).contains(&self.threshold) {
+            bail!("--threshold {} is not a cosine similarity (expected -1..=1)", self.threshold);
+        }
+        if self.k == 0 || self.intent_k == 0 {
+            bail!("--k and --intent-k must be at least 1");
+        }
+        Ok(QueryConfig {
+            k: self.k,
+            threshold: self.threshold,
+            strategy: self.decoder,
+            intent_k: self.intent_k,
+            intent_aggregation: self.intent_aggregation,
+            oos_threshold: self.oos_threshold,
+            explain: self.explain,
+            batch_size: self.batch_size,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// A readable table with the slots marked.
+    Table,
+    /// One JSON object per line, with neighbours (the documented query JSON).
+    Json,
+    /// nearspan's JSONL example format: correct it and `index add` it back.
+    Examples,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Shorthand for --format json.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: OutputFormat,
+    /// Read utterances from a file: JSONL examples, or plain text with one utterance per line.
+    #[arg(long, conflicts_with = "texts")]
+    pub input: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: QuerySettings,
+    /// Utterances to label.
+    #[arg(required_unless_present = "input")]
+    pub texts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Gold examples (JSONL) to score --pred against.
+    #[arg(long, requires = "pred", conflicts_with_all = ["index", "data"])]
+    pub gold: Option<PathBuf>,
+    /// Predicted examples (JSONL, line-aligned with --gold).
+    #[arg(long)]
+    pub pred: Option<PathBuf>,
+    /// Label --data with this index and score the result.
+    #[arg(long, requires = "data")]
+    pub index: Option<PathBuf>,
+    /// Labeled data in any supported format.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Which split of --data (default: test, or the only one).
+    #[arg(long)]
+    pub split: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[command(flatten)]
+    pub settings: QuerySettings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Few-shot slot filling on SNIPS episodes (Hou et al. 2020): 7 folds, per-episode F1.
+    Fewshot(crate::bench::fewshot::FewshotArgs),
+}
+
+/// Runs one parsed command, writing its output to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
+    match cli.command {
+        Command::Encode(a) => encode(a, out),
+        Command::Data(DataCommand::Stats { path, format }) => data_stats(&path, format, out),
+        Command::Index(cmd) => index(cmd, out),
+        Command::Query(a) => query(a, out),
+        Command::Eval(a) => eval(a, out),
+        Command::Bench(BenchCommand::Fewshot(a)) => crate::bench::fewshot::run(a, out),
+    }
+}
+
+fn encode(a: EncodeArgs, out: &mut dyn Write) -> Result<()> {
+    let encoder = a.model.load()?;
+    let texts: Vec<&str> = a.texts.iter().map(String::as_str).collect();
+    for (text, enc) in texts.iter().zip(encoder.encode(&texts, crate::encoder::DEFAULT_BATCH_SIZE)?) {
+        let line = serde_json::json!({
+            "text": text,
+            "tokens": enc.tokens.tokens,
+            "offsets": enc.tokens.offsets,
+            "vector": enc.sentence_vector(),
+        });
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+fn data_stats(path: &Path, format: Option<Format>, out: &mut dyn Write) -> Result<()> {
+    let dataset = data::load(path, format)?;
+    let stats = data::stats(&dataset);
+    writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+    Ok(())
+}
+
+/// Loads the examples of one split of any dataset (`preferred` when several).
+fn load_examples(path: &Path, split: Option<&str>, preferred: &str) -> Result<Vec<Example>> {
+    let dataset = data::load(path, None)?;
+    let names: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
+    let chosen = match split {
+        Some(name) => dataset.split(name).with_context(|| format!("{}: no split {name:?} (has {names:?})", path.display()))?,
+        None if dataset.splits.len() == 1 => &dataset.splits[0],
+        None => dataset
+            .split(preferred)
+            .with_context(|| format!("{}: several splits {names:?}; choose one with --split", path.display()))?,
+    };
+    Ok(chosen.examples.clone())
+}
+
+fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {
+    match cmd {
+        IndexCommand::Build { model, examples, split, out: path, build } => {
+            let encoder = model.load()?;
+            let examples = load_examples(&examples, split.as_deref(), "train")?;
+            let cfg = build.config();
+            let mut index = SpanIndex::new(labeler::encoder_info(&encoder, &cfg), build.backend, HnswParams::default())?;
+            labeler::add_examples(&encoder, &mut index, &examples, &cfg, crate::encoder::DEFAULT_BATCH_SIZE)?;
+            index.save(&path)?;
+            writeln!(out, "built {}: {} examples, {} spans, {} labels", path.display(), index.n_examples(), index.n_spans(), index.n_labels())?;
+        }
+        IndexCommand::Add { model, index: path, examples, split } => {
+            let encoder = model.load()?;
+            let mut index = open_index(&path, &encoder)?;
+            let cfg = build_config(&index)?;
+            let examples = load_examples(&examples, split.as_deref(), "train")?;
+            labeler::add_examples(&encoder, &mut index, &examples, &cfg, crate::encoder::DEFAULT_BATCH_SIZE)?;
+            index.save(&path)?;
+            writeln!(out, "added {} examples to {}: now {} examples, {} spans", examples.len(), path.display(), index.n_examples(), index.n_spans())?;
+        }
+        IndexCommand::Info { index: path } => {
+            let index = SpanIndex::open(&path, None)?;
+            let e = index.encoder();
+            let info = serde_json::json!({
+                "path": path,
+                "format_version": nearspan_index::CURRENT_VERSION,
+                "examples": index.n_examples(),
+                "spans": index.n_spans(),
+                "labels": index.labels().collect::<Vec<_>>(),
+                "encoder": {"model": e.model_id, "revision": e.revision, "pooling": e.pooling, "max_width": e.max_width, "dim": e.dim},
+                "backend": index.backend().to_string(),
+                "o_spans": index.label_id(labeler::O_LABEL).is_some(),
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn build_config(index: &SpanIndex) -> Result<BuildConfig> {
+    labeler::build_config_of(index, index.label_id(labeler::O_LABEL).is_some()).map_err(anyhow::Error::msg)
+}
+
+/// Opens an index and checks it was built by `encoder` (not just any encoder of that dimension).
+fn open_index(path: &Path, encoder: &Encoder) -> Result<SpanIndex> {
+    let stored = SpanIndex::open(path, None)?;
+    let cfg = build_config(&stored)?;
+    let expected = labeler::encoder_info(encoder, &cfg);
+    if stored.encoder().fingerprint() != expected.fingerprint() {
+        // Re-open with the expectation to get the index's own mismatch error.
+        SpanIndex::open(path, Some(&expected))?;
+    }
+    Ok(stored)
+}
+
+fn read_query_examples(a: &QueryArgs) -> Result<Vec<Example>> {
+    match &a.input {
+        None => Ok(a.texts.iter().map(|t| Example::from_text(t, None)).collect()),
+        Some(path) if path.extension().is_some_and(|e| e == "jsonl") => Ok(data::read_jsonl(path)?),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            Ok(text.lines().filter(|l| !l.trim().is_empty()).map(|t| Example::from_text(t, None)).collect())
+        }
+    }
+}
+
+fn query(a: QueryArgs, out: &mut dyn Write) -> Result<()> {
+    let cfg = a.settings.config()?;
+    let encoder = a.model.load()?;
+    let index = open_index(&a.index, &encoder)?;
+    let build = build_config(&index)?;
+    let examples = read_query_examples(&a)?;
+    let predictions = labeler::label_examples(&encoder, &index, &examples, &build, &cfg)?;
+    let format = if a.json { OutputFormat::Json } else { a.format };
+    for (ex, p) in examples.iter().zip(&predictions) {
+        match format {
+            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(p)?)?,
+            OutputFormat::Examples => data::write_jsonl(&mut *out, &[p.to_example(ex)])?,
+            OutputFormat::Table => write_table(p, out)?,
+        }
+    }
+    Ok(())
+}
+
+/// A readable rendering: the text with [slots](label), then each decision's reasons.
+fn write_table(p: &Prediction, out: &mut dyn Write) -> Result<()> {
+    let mut marked = String::new();
+    let mut pos = 0;
+    for s in &p.slots {
+        marked.push_str(data::char_slice(&p.text, pos, s.start));
+        marked.push_str(&format!("[{}]({})", s.text, s.label));
+        pos = s.end;
+    }
+    marked.push_str(data::char_slice(&p.text, pos, p.text.chars().count()));
+    writeln!(out, "{marked}")?;
+    if let Some(i) = &p.intent {
+        writeln!(out, "  intent  {:<24} {:.3}", i.label, i.score)?;
+        for n in &i.neighbours {
+            writeln!(out, "          {:.3}  {:?} ({})", n.similarity, n.example, n.label)?;
+        }
+    }
+    for s in &p.slots {
+        writeln!(out, "  slot    {:<24} {:.3}  {:?}", s.label, s.score, s.text)?;
+        for n in &s.neighbours {
+            writeln!(out, "          {:.3}  {:?} in {:?} ({})", n.similarity, n.text, n.example, n.label)?;
+        }
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+fn eval(a: EvalArgs, out: &mut dyn Write) -> Result<()> {
+    let report = match (&a.gold, &a.pred, &a.index, &a.data) {
+        (Some(gold), Some(pred), None, None) => crate::eval::evaluate_files(gold, pred)?,
+        (None, None, Some(index_path), Some(data_path)) => {
+            let cfg = a.settings.config()?;
+            let encoder = a.model.load()?;
+            let index = open_index(index_path, &encoder)?;
+            let build = build_config(&index)?;
+            let gold = load_examples(data_path, a.split.as_deref(), "test")?;
+            let predictions = labeler::label_examples(&encoder, &index, &gold, &build, &cfg)?;
+            let mut ev = Evaluator::new();
+            for (g, p) in gold.iter().zip(&predictions) {
+                ev.add(g, &p.to_example(g))?;
+            }
+            ev.report()
+        }
+        _ => bail!("pass either --gold FILE --pred FILE, or --index INDEX --data PATH"),
+    };
+    writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! The retrieval labeler: encode an utterance, retrieve labeled neighbours for every
+//! candidate span and for the whole utterance, decode slots and intent, and keep the
+//! neighbours as the justification of each decision.
+//!
+//! **What goes into the index.** Every gold slot span with its label, and (by default)
+//! every other candidate span of up to `max_width` words with the label [`O_LABEL`]:
+//! a query span is then a slot only when it is closer to a slot example than to any
+//! non-slot example. The alternative, slots only plus a similarity threshold, is
+//! `--no-o-spans`; BENCHMARKS.md compares the two.
+
+use std::collections::HashMap;
+
+use nearspan_index::{EncoderInfo, ExampleId, NewSpan, SpanIndex};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Example, LabeledSpan};
+use crate::decode::{decode, Candidate, Strategy};
+use crate::encoder::{EncodedText, Encoder, EncoderError, SpanPooling};
+use crate::spans::{candidate_spans, span_vectors, SpanVectors, WordSpan};
+
+/// The label of indexed non-slot spans.
+pub const O_LABEL: &str = "O";
+/// The intent answered when no example is similar enough.
+pub const OUT_OF_SCOPE: &str = "oos";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabelerError {
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
+    #[error(transparent)]
+    Index(#[from] nearspan_index::IndexError),
+    #[error("example {index} ({text:?}): span {start}..{end} uses the reserved label \"O\"")]
+    ReservedLabel { index: usize, text: String, start: usize, end: usize },
+}
+
+/// How an index is built: fixed for its lifetime, recorded in its header.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BuildConfig {
+    pub max_width: usize,
+    pub pooling: SpanPooling,
+    /// Index non-slot candidate spans under [`O_LABEL`].
+    pub index_o_spans: bool,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, pooling: SpanPooling::Mean, index_o_spans: true }
+    }
+}
+
+/// How intents are scored from the utterance neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IntentAggregation {
+    /// An intent's score is its best neighbour's similarity.
+    Max,
+    /// An intent's score is the mean similarity of its neighbours among the top k.
+    Mean,
+}
+
+impl std::str::FromStr for IntentAggregation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "max" => Ok(Self::Max),
+            "mean" => Ok(Self::Mean),
+            other => Err(format!("unknown intent aggregation {other:?}; expected \"max\" or \"mean\"")),
+        }
+    }
+}
+
+/// Query-time settings; none of them needs a rebuild.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueryConfig {
+    /// Neighbours retrieved per candidate span.
+    pub k: usize,
+    /// A span scoring below this is never a slot.
+    pub threshold: f32,
+    pub strategy: Strategy,
+    /// Utterance neighbours retrieved for the intent.
+    pub intent_k: usize,
+    pub intent_aggregation: IntentAggregation,
+    /// Below this intent score the answer is [`OUT_OF_SCOPE`]; `None` never says it.
+    pub oos_threshold: Option<f32>,
+    /// Neighbours kept as the justification of each decision.
+    pub explain: usize,
+    pub batch_size: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            k: 10,
+            threshold: 0.5,
+            strategy: Strategy::Greedy,
+            intent_k: 10,
+            intent_aggregation: IntentAggregation::Max,
+            oos_threshold: None,
+            explain: 3,
+            batch_size: crate::encoder::DEFAULT_BATCH_SIZE,
+        }
+    }
+}
+
+/// A retrieved example that supports a decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Neighbour {
+    /// The example's text.
+    pub example: String,
+    /// The neighbour span's text (the whole example for an intent neighbour).
+    pub text: String,
+    pub start: usize,
+    pub end: usize,
+    pub label: String,
+    pub similarity: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntentPrediction {
+    pub label: String,
+    pub score: f32,
+    pub neighbours: Vec<Neighbour>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotPrediction {
+    /// Character offsets into the text, half-open.
+    pub start: usize,
+    pub end: usize,
+    pub text: String,
+    pub label: String,
+    pub score: f32,
+    pub neighbours: Vec<Neighbour>,
+    /// Word indices, for scoring against word-level gold data.
+    #[serde(skip)]
+    pub words: (usize, usize),
+}
+
+/// The output for one utterance; its JSON form is documented in the README.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub text: String,
+    pub intent: Option<IntentPrediction>,
+    pub slots: Vec<SlotPrediction>,
+}
+
+impl Prediction {
+    /// The prediction as an [`Example`] over `words`, for the metrics.
+    pub fn to_example(&self, gold: &Example) -> Example {
+        let spans = self
+            .slots
+            .iter()
+            .map(|s| LabeledSpan { label: s.label.clone(), word_start: s.words.0, word_end: s.words.1, start: s.start, end: s.end })
+            .collect();
+        Example { text: gold.text.clone(), words: gold.words.clone(), intent: self.intent.as_ref().map(|i| i.label.clone()), spans }
+    }
+}
+
+/// The identity an index records for vectors made by `encoder` with `build`.
+pub fn encoder_info(encoder: &Encoder, build: &BuildConfig) -> EncoderInfo {
+    let info = encoder.info();
+    EncoderInfo {
+        model_id: info.id.clone(),
+        revision: info.weights_sha256.clone(),
+        pooling: build.pooling.name().to_string(),
+        max_width: build.max_width as u32,
+        dim: build.pooling.dim(info.hidden_size) as u32,
+    }
+}
+
+/// The build settings an opened index was made with.
+pub fn build_config_of(index: &SpanIndex, index_o_spans: bool) -> Result<BuildConfig, String> {
+    let e = index.encoder();
+    Ok(BuildConfig { max_width: e.max_width as usize, pooling: e.pooling.parse()?, index_o_spans })
+}
+
+/// Encodes `examples` and adds them, with their gold spans (and non-slot spans), to `index`.
+/// Only the new examples are encoded; nothing is retrained.
+pub fn add_examples(
+    encoder: &Encoder,
+    index: &mut SpanIndex,
+    examples: &[Example],
+    build: &BuildConfig,
+    batch_size: usize,
+) -> Result<Vec<ExampleId>, LabelerError> {
+    check_labels(examples)?;
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let encoded = encoder.encode(&texts, batch_size)?;
+    add_encoded(index, examples, &encoded, build)
+}
+
+/// Rejects examples that use the reserved non-slot label as a slot label.
+fn check_labels(examples: &[Example]) -> Result<(), LabelerError> {
+    for (i, ex) in examples.iter().enumerate() {
+        if let Some(s) = ex.spans.iter().find(|s| s.label == O_LABEL) {
+            return Err(LabelerError::ReservedLabel { index: i, text: ex.text.clone(), start: s.start, end: s.end });
+        }
+    }
+    Ok(())
+}
+
+/// [`add_examples`] for examples already encoded (`encoded[i]` is `examples[i]`).
+pub fn add_encoded(
+    index: &mut SpanIndex,
+    examples: &[Example],
+    encoded: &[EncodedText],
+    build: &BuildConfig,
+) -> Result<Vec<ExampleId>, LabelerError> {
+    check_labels(examples)?;
+    let mut ids = Vec::with_capacity(examples.len());
+    for (ex, enc) in examples.iter().zip(encoded) {
+        let (spans, labels) = index_spans(ex, build);
+        let sv = span_vectors(enc, &ex.words, spans, build.pooling);
+        let new: Vec<(NewSpan, &[f32])> = sv
+            .spans
+            .iter()
+            .zip(&labels)
+            .enumerate()
+            .map(|(i, (s, label))| {
+                let (start, end) = char_range(ex, *s);
+                (NewSpan { label, start: start as u32, end: end as u32, text: crate::data::char_slice(&ex.text, start, end) }, sv.vector(i))
+            })
+            .collect();
+        ids.push(index.add_example(&ex.text, ex.intent.as_deref(), &enc.sentence_vector(), &new)?);
+    }
+    Ok(ids)
+}
+
+/// The spans of an example that go into the index, with their labels.
+fn index_spans<'a>(ex: &'a Example, build: &BuildConfig) -> (Vec<WordSpan>, Vec<&'a str>) {
+    let mut spans: Vec<WordSpan> = ex.spans.iter().map(|s| WordSpan { start: s.word_start, end: s.word_end }).collect();
+    let mut labels: Vec<&str> = ex.spans.iter().map(|s| s.label.as_str()).collect();
+    if build.index_o_spans {
+        for c in candidate_spans(ex.words.len(), build.max_width) {
+            if !spans[..ex.spans.len()].contains(&c) {
+                spans.push(c);
+                labels.push(O_LABEL);
+            }
+        }
+    }
+    (spans, labels)
+}
+
+fn char_range(ex: &Example, s: WordSpan) -> (usize, usize) {
+    (ex.words[s.start].start, ex.words[s.end - 1].end)
+}
+
+/// One candidate span's retrieval result: the best neighbour of each label.
+#[derive(Debug, Clone)]
+pub struct SpanEvidence {
+    pub span: WordSpan,
+    /// (label id, best similarity, span id of that neighbour), best first.
+    pub by_label: Vec<(u32, f32, u32)>,
+    /// Best similarity to a non-slot span, if any was retrieved.
+    pub o_score: Option<f32>,
+}
+
+/// Everything retrieved for one utterance; decoding it is cheap, so thresholds can
+/// be swept without retrieving again.
+#[derive(Debug, Clone)]
+pub struct Retrieved {
+    pub spans: Vec<SpanEvidence>,
+    /// (example id, similarity), best first.
+    pub utterances: Vec<(u32, f32)>,
+    /// Per word: the best non-slot similarity of the single-word span.
+    pub word_o_scores: Vec<Option<f32>>,
+}
+
+/// Retrieves neighbours for every candidate span of every example (one encoder pass
+/// per batch, one batched index search per batch).
+pub fn retrieve(
+    encoder: &Encoder,
+    index: &SpanIndex,
+    examples: &[Example],
+    build: &BuildConfig,
+    cfg: &QueryConfig,
+) -> Result<Vec<Retrieved>, LabelerError> {
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let encoded = encoder.encode(&texts, cfg.batch_size)?;
+    Ok(retrieve_encoded(index, examples, &encoded, build, cfg))
+}
+
+/// [`retrieve`] for examples already encoded (the few-shot benchmark encodes each
+/// distinct text once).
+pub fn retrieve_encoded(
+    index: &SpanIndex,
+    examples: &[Example],
+    encoded: &[EncodedText],
+    build: &BuildConfig,
+    cfg: &QueryConfig,
+) -> Vec<Retrieved> {
+    use rayon::prelude::*;
+    let o_label = index.label_id(O_LABEL).map(|l| l.0);
+    examples
+        .par_iter()
+        .zip(encoded.par_iter())
+        .map(|(ex, enc)| {
+            let sv: SpanVectors = span_vectors(enc, &ex.words, candidate_spans(ex.words.len(), build.max_width), build.pooling);
+            let hits = if sv.spans.is_empty() { Vec::new() } else { index.search_spans_batch(&sv.vectors, cfg.k) };
+            let mut word_o_scores = vec![None; ex.words.len()];
+            let spans: Vec<SpanEvidence> = sv
+                .spans
+                .iter()
+                .zip(hits)
+                .map(|(span, neighbours)| {
+                    let mut by_label: Vec<(u32, f32, u32)> = Vec::new();
+                    for n in neighbours {
+                        let label = index.span(n.id).label.0;
+                        if !by_label.iter().any(|(l, _, _)| *l == label) {
+                            by_label.push((label, n.similarity, n.id));
+                        }
+                    }
+                    let o_score = by_label.iter().find(|(l, _, _)| Some(*l) == o_label).map(|x| x.1);
+                    by_label.retain(|(l, _, _)| Some(*l) != o_label);
+                    if span.width() == 1 {
+                        word_o_scores[span.start] = o_score;
+                    }
+                    SpanEvidence { span: *span, by_label, o_score }
+                })
+                .collect();
+            let utterances = index.search_utterances(&enc.sentence_vector(), cfg.intent_k).into_iter().map(|n| (n.id, n.similarity)).collect();
+            Retrieved { spans, utterances, word_o_scores }
+        })
+        .collect()
+}
+
+/// Decodes one utterance's retrieval into slots and intent, with justifications.
+pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig) -> Prediction {
+    let candidates: Vec<Candidate> = r
+        .spans
+        .iter()
+        .filter_map(|e| {
+            let &(label, score, _) = e.by_label.first()?;
+            let beats_o = e.o_score.is_none_or(|o| score > o);
+            (score >= cfg.threshold && beats_o).then_some(Candidate { span: e.span, label, score })
+        })
+        .collect();
+    let word_scores: Vec<f32> = r.word_o_scores.iter().map(|o| o.unwrap_or(cfg.threshold).max(cfg.threshold)).collect();
+    let chosen = decode(&candidates, &word_scores, cfg.strategy);
+    let evidence: HashMap<WordSpan, &SpanEvidence> = r.spans.iter().map(|e| (e.span, e)).collect();
+    let slots = chosen
+        .iter()
+        .map(|c| {
+            let (start, end) = char_range(ex, c.span);
+            let neighbours = evidence[&c.span]
+                .by_label
+                .iter()
+                .take(cfg.explain)
+                .map(|&(_, similarity, id)| span_neighbour(index, id, similarity))
+                .collect();
+            SlotPrediction {
+                start,
+                end,
+                text: crate::data::char_slice(&ex.text, start, end).to_string(),
+                label: index.label(nearspan_index::LabelId(c.label)).to_string(),
+                score: c.score,
+                neighbours,
+                words: (c.span.start, c.span.end),
+            }
+        })
+        .collect();
+    Prediction { text: ex.text.clone(), intent: decide_intent(index, r, cfg), slots }
+}
+
+fn span_neighbour(index: &SpanIndex, id: u32, similarity: f32) -> Neighbour {
+    let rec = index.span(id);
+    Neighbour {
+        example: index.example(rec.example).text.clone(),
+        text: rec.text.clone(),
+        start: rec.start as usize,
+        end: rec.end as usize,
+        label: index.label(rec.label).to_string(),
+        similarity,
+    }
+}
+
+fn decide_intent(index: &SpanIndex, r: &Retrieved, cfg: &QueryConfig) -> Option<IntentPrediction> {
+    let mut per_intent: Vec<(&str, f32, usize)> = Vec::new(); // (intent, score, count)
+    for &(id, sim) in &r.utterances {
+        let Some(intent) = index.example(ExampleId(id)).intent.as_deref() else { continue };
+        match per_intent.iter_mut().find(|(i, _, _)| *i == intent) {
+            Some(entry) => {
+                entry.2 += 1;
+                match cfg.intent_aggregation {
+                    IntentAggregation::Max => entry.1 = entry.1.max(sim),
+                    IntentAggregation::Mean => entry.1 += sim,
+                }
+            }
+            None => per_intent.push((intent, sim, 1)),
+        }
+    }
+    if cfg.intent_aggregation == IntentAggregation::Mean {
+        per_intent.iter_mut().for_each(|e| e.1 /= e.2 as f32);
+    }
+    let &(intent, score, _) = per_intent.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+    let label = match cfg.oos_threshold {
+        Some(t) if score < t => OUT_OF_SCOPE,
+        _ => intent,
+    };
+    let neighbours = r
+        .utterances
+        .iter()
+        .filter(|(id, _)| index.example(ExampleId(*id)).intent.is_some())
+        .take(cfg.explain)
+        .map(|&(id, similarity)| {
+            let ex = index.example(ExampleId(id));
+            Neighbour {
+                example: ex.text.clone(),
+                text: ex.text.clone(),
+                start: 0,
+                end: ex.text.chars().count(),
+                label: ex.intent.clone().unwrap_or_default(),
+                similarity,
+            }
+        })
+        .collect();
+    Some(IntentPrediction { label: label.to_string(), score, neighbours })
+}
+
+/// Labels examples (their words decide the candidate spans).
+pub fn label_examples(
+    encoder: &Encoder,
+    index: &SpanIndex,
+    examples: &[Example],
+    build: &BuildConfig,
+    cfg: &QueryConfig,
+) -> Result<Vec<Prediction>, LabelerError> {
+    let retrieved = retrieve(encoder, index, examples, build, cfg)?;
+    Ok(examples.iter().zip(&retrieved).map(|(ex, r)| decide(index, ex, r, cfg)).collect())
+}
+
+/// Labels raw texts, words split by [`crate::data::segment_words`].
+pub fn label_texts(
+    encoder: &Encoder,
+    index: &SpanIndex,
+    texts: &[&str],
+    build: &BuildConfig,
+    cfg: &QueryConfig,
+) -> Result<Vec<Prediction>, LabelerError> {
+    let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
+    label_examples(encoder, index, &examples, build, cfg)
+}

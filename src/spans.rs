@@ -1,0 +1,112 @@
+//! Candidate spans: every run of 1..=W consecutive words, and their vectors.
+//!
+//! Spans are on word boundaries, so a span never splits a word's sub-tokens. All
+//! candidate vectors of an utterance come from one encoder pass over the whole
+//! utterance: a span's vector is pooled from the contextual vectors of its sub-tokens.
+
+use std::ops::Range;
+
+use crate::data::Word;
+use crate::encoder::{span_vector_into, EncodedText, SpanPooling};
+
+/// Default maximum span width in words. In SNIPS train, spans of at most 10 words cover
+/// 99.97% of gold slots (measured by `nearspan data stats`); see the README.
+pub const DEFAULT_MAX_WIDTH: usize = 10;
+
+/// A run of words `start..end` (word indices, half-open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WordSpan {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl WordSpan {
+    pub fn width(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn overlaps(&self, other: &WordSpan) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+/// Every span of 1..=`max_width` words in an utterance of `n_words`, ordered by start,
+/// then width.
+///
+/// ```
+/// use nearspan::spans::{candidate_spans, WordSpan};
+/// let spans = candidate_spans(3, 2);
+/// let pairs: Vec<(usize, usize)> = spans.iter().map(|s| (s.start, s.end)).collect();
+/// assert_eq!(pairs, [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)]);
+/// ```
+pub fn candidate_spans(n_words: usize, max_width: usize) -> Vec<WordSpan> {
+    let mut out = Vec::with_capacity(n_words * max_width.min(n_words));
+    for start in 0..n_words {
+        for end in start + 1..=(start + max_width).min(n_words) {
+            out.push(WordSpan { start, end });
+        }
+    }
+    out
+}
+
+/// The candidate spans of one utterance and their pooled, normalized vectors.
+#[derive(Debug, Clone)]
+pub struct SpanVectors {
+    pub spans: Vec<WordSpan>,
+    /// (spans × dim) row-major.
+    pub vectors: Vec<f32>,
+    pub dim: usize,
+}
+
+impl SpanVectors {
+    pub fn vector(&self, i: usize) -> &[f32] {
+        &self.vectors[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// Pools the vectors of `spans` (word spans over `words`) from one encoded utterance.
+/// Spans whose words have no sub-tokens get a zero vector (similar to nothing).
+pub fn span_vectors(encoded: &EncodedText, words: &[Word], spans: Vec<WordSpan>, pooling: SpanPooling) -> SpanVectors {
+    let word_tokens = encoded.tokens.align_words(words);
+    let dim = pooling.dim(encoded.dim);
+    let mut vectors = vec![0f32; spans.len() * dim];
+    for (span, out) in spans.iter().zip(vectors.chunks_exact_mut(dim)) {
+        let tokens = token_range(&word_tokens, *span);
+        span_vector_into(&encoded.hidden, encoded.dim, tokens, pooling, out);
+    }
+    SpanVectors { spans, vectors, dim }
+}
+
+/// Sub-token range covered by a word span (empty if its words have no tokens).
+fn token_range(word_tokens: &[Range<usize>], span: WordSpan) -> Range<usize> {
+    let covered = &word_tokens[span.start..span.end];
+    let start = covered.iter().find(|r| !r.is_empty()).map(|r| r.start);
+    let end = covered.iter().rev().find(|r| !r.is_empty()).map(|r| r.end);
+    match (start, end) {
+        (Some(s), Some(e)) => s..e,
+        _ => 0..0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_match_the_closed_form() {
+        // n words, width w: sum over starts of min(w, n - start).
+        for n in 0..15 {
+            for w in 1..8 {
+                let expect: usize = (0..n).map(|s| w.min(n - s)).sum();
+                assert_eq!(candidate_spans(n, w).len(), expect, "n={n} w={w}");
+            }
+        }
+    }
+
+    #[test]
+    fn token_range_skips_words_without_tokens() {
+        let wt = vec![1..2, 2..2, 2..4];
+        assert_eq!(token_range(&wt, WordSpan { start: 0, end: 3 }), 1..4);
+        assert_eq!(token_range(&wt, WordSpan { start: 1, end: 2 }), 0..0);
+    }
+}
