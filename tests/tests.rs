@@ -6,3 +6,7 @@ mod common;
 mod encoder;
 #[path = "suite/train.rs"]
 mod train;
+#[path = "suite/data.rs"]
+mod data;
+#[path = "suite/eval.rs"]
+mod eval;

@@ -24,3 +24,30 @@ pub(crate) fn read_lines(path: &Path) -> Result<Vec<String>, DataError> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(bytes: &[u8]) -> Result<Vec<String>, DataError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt");
+        std::fs::write(&path, bytes).unwrap();
+        read_lines(&path)
+    }
+
+    #[test]
+    fn newlines_bom_and_blank_lines() {
+        assert_eq!(lines_of(b"").unwrap(), Vec::<String>::new());
+        assert_eq!(lines_of(b"a\n").unwrap(), ["a"]);
+        assert_eq!(lines_of(b"a\r\n\r\nb").unwrap(), ["a", "", "b"]);
+        assert_eq!(lines_of(b"a\n\n").unwrap(), ["a", ""]);
+        assert_eq!(lines_of("\u{feff}x".as_bytes()).unwrap(), ["x"]);
+    }
+
+    #[test]
+    fn invalid_utf8_names_its_line() {
+        let err = lines_of(b"ok\nok\n\xc3(\n").unwrap_err();
+        assert!(matches!(err, DataError::InvalidUtf8 { line: 3, .. }), "{err}");
+    }
+}

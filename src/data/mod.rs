@@ -156,6 +156,14 @@ pub fn char_slice(text: &str, start: usize, end: usize) -> &str {
 impl Example {
     /// Builds an example from pre-tokenized words and their IOB2 tags; the text is the
     /// words joined by one space.
+    ///
+    /// ```
+    /// use nearspan::data::Example;
+    /// let e = Example::from_words(&["play", "daft", "punk"], &["O", "B-artist", "I-artist"], None).unwrap();
+    /// assert_eq!(e.span_text(&e.spans[0]), "daft punk");
+    /// assert_eq!((e.spans[0].start, e.spans[0].end), (5, 14));
+    /// assert_eq!(e.to_bio(), ["O", "B-artist", "I-artist"]);
+    /// ```
     pub fn from_words(words: &[&str], tags: &[&str], intent: Option<String>) -> Result<Example, BioError> {
         let (text, offsets) = join_words(words)?;
         let spans = tags_to_spans(tags, &offsets)?;

@@ -77,3 +77,24 @@ pub(crate) fn is_cjk_ideograph(c: char) -> bool {
         0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0x20000..=0x2A6DF | 0x2A700..=0x2B73F
         | 0x2B740..=0x2B81F | 0x2B820..=0x2CEAF | 0xF900..=0xFAFF | 0x2F800..=0x2FA1F)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_sorted_and_disjoint() {
+        assert!(RANGES.windows(2).all(|w| w[0].1 < w[1].0 && w[0].0 <= w[0].1));
+    }
+
+    #[test]
+    fn known_characters() {
+        for c in ['.', ',', '\'', '$', '¿', '«', '—', '…', '’', '“', '。', '、', '！'] {
+            assert!(is_punctuation(c), "{c:?}");
+        }
+        for c in ['a', '7', ' ', 'é', '°', '€', '官', 'ß'] {
+            assert!(!is_punctuation(c), "{c:?}");
+        }
+        assert!(is_cjk_ideograph('官') && !is_cjk_ideograph('a') && !is_cjk_ideograph('。'));
+    }
+}

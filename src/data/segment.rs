@@ -10,6 +10,13 @@ use super::Word;
 /// Why BERT's rules: the encoder never puts a token boundary inside one of these words,
 /// and never joins two of them into one token, so every word maps to whole tokens.
 /// Offsets are characters.
+///
+/// ```
+/// use nearspan::data::{char_slice, segment_words};
+/// let text = "Turn on the lights.";
+/// let words: Vec<&str> = segment_words(text).iter().map(|w| char_slice(text, w.start, w.end)).collect();
+/// assert_eq!(words, ["Turn", "on", "the", "lights", "."]);
+/// ```
 pub fn segment_words(text: &str) -> Vec<Word> {
     let mut words = Vec::new();
     let mut start: Option<usize> = None;
