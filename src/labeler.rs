@@ -76,6 +76,9 @@ pub struct QueryConfig {
     pub k: usize,
     /// A span scoring below this is never a slot.
     pub threshold: f32,
+    /// A span is a slot when its best slot similarity plus this margin exceeds its best
+    /// non-slot similarity: positive values favour recall, negative ones precision.
+    pub o_margin: f32,
     pub strategy: Strategy,
     /// Utterance neighbours retrieved for the intent.
     pub intent_k: usize,
@@ -92,6 +95,7 @@ impl Default for QueryConfig {
         Self {
             k: 10,
             threshold: 0.5,
+            o_margin: 0.0,
             strategy: Strategy::Greedy,
             intent_k: 10,
             intent_aggregation: IntentAggregation::Max,
@@ -221,9 +225,23 @@ pub fn add_encoded(
                 (NewSpan { label, start: start as u32, end: end as u32, text: crate::data::char_slice(&ex.text, start, end) }, sv.vector(i))
             })
             .collect();
-        ids.push(index.add_example(&ex.text, ex.intent.as_deref(), &enc.sentence_vector(), &new)?);
+        ids.push(index.add_example(&ex.text, ex.intent.as_deref(), &utterance_vector(enc, build), &new)?);
     }
     Ok(ids)
+}
+
+/// The utterance vector at the index's dimension. The index has one dimension for spans
+/// and utterances; with `start-end` pooling spans are twice the hidden size, so the
+/// sentence vector is tiled twice and scaled by 1/√2, which keeps every cosine
+/// similarity between utterances exactly as it was.
+fn utterance_vector(enc: &EncodedText, build: &BuildConfig) -> Vec<f32> {
+    let v = enc.sentence_vector();
+    let copies = build.pooling.dim(enc.dim) / enc.dim;
+    if copies <= 1 {
+        return v;
+    }
+    let scale = 1.0 / (copies as f32).sqrt();
+    (0..copies).flat_map(|_| v.iter().map(move |x| x * scale)).collect()
 }
 
 /// The spans of an example that go into the index, with their labels.
@@ -318,7 +336,7 @@ pub fn retrieve_encoded(
                     SpanEvidence { span: *span, by_label, o_score }
                 })
                 .collect();
-            let utterances = index.search_utterances(&enc.sentence_vector(), cfg.intent_k).into_iter().map(|n| (n.id, n.similarity)).collect();
+            let utterances = index.search_utterances(&utterance_vector(enc, build), cfg.intent_k).into_iter().map(|n| (n.id, n.similarity)).collect();
             Retrieved { spans, utterances, word_o_scores }
         })
         .collect()
@@ -331,7 +349,7 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
         .iter()
         .filter_map(|e| {
             let &(label, score, _) = e.by_label.first()?;
-            let beats_o = e.o_score.is_none_or(|o| score > o);
+            let beats_o = e.o_score.is_none_or(|o| score + cfg.o_margin > o);
             (score >= cfg.threshold && beats_o).then_some(Candidate { span: e.span, label, score })
         })
         .collect();

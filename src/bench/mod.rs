@@ -1,6 +1,8 @@
 //! Benchmarks run from the CLI (`nearspan bench ...`); results go to
 //! `benches/results/*.json` and the tables in BENCHMARKS.md.
 
+pub mod clinc;
+pub mod encoder;
 pub mod fewshot;
 
 use std::path::Path;

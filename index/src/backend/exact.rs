@@ -1,0 +1,459 @@
+//! Brute-force search: every query is scored against every row.
+//!
+//! The rows live in one contiguous row-major `Vec<f32>`. Queries are taken in blocks of
+//! [`QUERY_BLOCK`], rows in sub-blocks of [`ROW_BLOCK`] (≈200 KB at 384 dims, so a
+//! sub-block stays in L2 while all queries of the block pass over it). The inner kernel
+//! scores 4 queries against 2 rows at once with 8 accumulators of 8 lanes: AVX2 + FMA
+//! intrinsics when the CPU has them (runtime-detected), else a portable version that
+//! LLVM vectorizes for the baseline target. Work is split over
+//! (query block × row chunk) pairs with rayon, so one query still uses every core.
+//! Each task keeps a bounded heap per query; heaps are merged at the end.
+
+use rayon::prelude::*;
+
+use super::{AnnBackend, TopK, Vectors};
+use crate::{BackendKind, IndexError, Neighbor};
+
+/// Queries per block.
+pub const QUERY_BLOCK: usize = 16;
+/// Rows per cache block.
+pub const ROW_BLOCK: usize = 128;
+/// Below this many multiply-adds a search runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+/// Smallest row chunk handed to one rayon task.
+const MIN_CHUNK_ROWS: usize = 2048;
+
+/// The exact backend. It holds no state: it scans the caller's [`Vectors`].
+#[derive(Debug, Default, Clone)]
+pub struct Exact;
+
+impl AnnBackend for Exact {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Exact
+    }
+    fn insert(&mut self, _id: u32, _v: &[f32]) -> Result<(), IndexError> {
+        Ok(())
+    }
+    fn insert_batch(&mut self, _first: u32, _rows: &[f32], _dim: usize) -> Result<(), IndexError> {
+        Ok(())
+    }
+    fn search(&self, data: &Vectors, q: &[f32], k: usize) -> Vec<Neighbor> {
+        exact_search(data.as_slice(), data.dim(), q, k).pop().unwrap_or_default()
+    }
+    fn search_batch(&self, data: &Vectors, queries: &[f32], k: usize) -> Vec<Vec<Neighbor>> {
+        exact_search(data.as_slice(), data.dim(), queries, k)
+    }
+    fn memory_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// Top-`k` rows of `data` (row-major, `dim` wide) by dot product, for each row of `queries`.
+pub fn exact_search(data: &[f32], dim: usize, queries: &[f32], k: usize) -> Vec<Vec<Neighbor>> {
+    assert!(dim > 0 && data.len() % dim == 0 && queries.len() % dim == 0);
+    let n = data.len() / dim;
+    let nq = queries.len() / dim;
+    if nq == 0 {
+        return Vec::new();
+    }
+    let k = k.min(n);
+    let q_blocks = nq.div_ceil(QUERY_BLOCK);
+    let threads = rayon::current_num_threads().max(1);
+    let row_chunks = if n * dim * nq < PARALLEL_MIN_WORK {
+        1
+    } else {
+        (threads * 2).div_ceil(q_blocks).clamp(1, n.div_ceil(MIN_CHUNK_ROWS).max(1))
+    };
+    let chunk_rows = n.div_ceil(row_chunks).max(1);
+    let tasks: Vec<(usize, usize)> =
+        (0..q_blocks).flat_map(|b| (0..row_chunks).map(move |c| (b, c))).collect();
+    let run = |&(b, c): &(usize, usize)| {
+        let q0 = b * QUERY_BLOCK;
+        let q1 = (q0 + QUERY_BLOCK).min(nq);
+        let r0 = (c * chunk_rows).min(n);
+        let r1 = (r0 + chunk_rows).min(n);
+        scan(&queries[q0 * dim..q1 * dim], data, dim, r0, r1, k)
+    };
+    let partial: Vec<Vec<TopK>> = if tasks.len() == 1 {
+        tasks.iter().map(run).collect()
+    } else {
+        tasks.par_iter().map(run).collect()
+    };
+    let mut out: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    for (&(b, _), tops) in tasks.iter().zip(partial) {
+        for (j, t) in tops.into_iter().enumerate() {
+            out[b * QUERY_BLOCK + j].merge(t);
+        }
+    }
+    out.into_iter().map(TopK::into_sorted).collect()
+}
+
+/// Score `queries` against rows `r0..r1`, keeping the top `k` per query.
+fn scan(queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize, k: usize) -> Vec<TopK> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features `scan_avx2` is compiled for.
+            return unsafe { scan_avx2(queries, data, dim, r0, r1, k) };
+        }
+    }
+    scan_impl::<Portable>(queries, data, dim, r0, r1, k)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scan_avx2(queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize, k: usize) -> Vec<TopK> {
+    scan_impl::<avx2::Avx2>(queries, data, dim, r0, r1, k)
+}
+
+/// The three kernels `scan_impl` needs, so that the AVX2 path can use intrinsics.
+trait Kernels {
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+    fn k1x4(q: &[f32], r: [&[f32]; 4]) -> [f32; 4];
+    fn k4x2(q: [&[f32]; 4], a: &[f32], b: &[f32]) -> [[f32; 2]; 4];
+}
+
+/// Portable kernels (LLVM vectorizes them for the baseline target).
+struct Portable;
+impl Kernels for Portable {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+    #[inline(always)]
+    fn k1x4(q: &[f32], r: [&[f32]; 4]) -> [f32; 4] {
+        k1x4(q, r)
+    }
+    #[inline(always)]
+    fn k4x2(q: [&[f32]; 4], a: &[f32], b: &[f32]) -> [[f32; 2]; 4] {
+        k4x2(q, a, b)
+    }
+}
+
+#[inline(always)]
+fn scan_impl<K: Kernels>(
+    queries: &[f32],
+    data: &[f32],
+    dim: usize,
+    r0: usize,
+    r1: usize,
+    k: usize,
+) -> Vec<TopK> {
+    let nq = queries.len() / dim;
+    let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    let row = |i: usize| &data[i * dim..(i + 1) * dim];
+    let query = |i: usize| &queries[i * dim..(i + 1) * dim];
+    let mut s = r0;
+    while s < r1 {
+        let e = (s + ROW_BLOCK).min(r1);
+        let mut g = 0;
+        while g < nq {
+            let m = (nq - g).min(4);
+            if m == 1 {
+                let q = query(g);
+                let top = &mut tops[g];
+                let mut i = s;
+                while i + 4 <= e {
+                    let d = K::k1x4(q, [row(i), row(i + 1), row(i + 2), row(i + 3)]);
+                    for (j, x) in d.into_iter().enumerate() {
+                        top.push(x, (i + j) as u32);
+                    }
+                    i += 4;
+                }
+                while i < e {
+                    top.push(K::dot(q, row(i)), i as u32);
+                    i += 1;
+                }
+            } else {
+                // Pad a short group by repeating its last query; padded scores are dropped.
+                let qs = [query(g), query(g + 1.min(m - 1)), query(g + 2.min(m - 1)), query(g + 3.min(m - 1))];
+                let mut i = s;
+                while i < e {
+                    let two = i + 1 < e;
+                    let d = K::k4x2(qs, row(i), row(if two { i + 1 } else { i }));
+                    for (j, dj) in d.iter().enumerate().take(m) {
+                        tops[g + j].push(dj[0], i as u32);
+                        if two {
+                            tops[g + j].push(dj[1], (i + 1) as u32);
+                        }
+                    }
+                    i += 2;
+                }
+            }
+            g += m;
+        }
+        s = e;
+    }
+    tops
+}
+
+#[inline(always)]
+fn madd(a: f32, b: f32, c: f32) -> f32 {
+    // Not `mul_add`: without the `fma` target feature that is a libm call.
+    a * b + c
+}
+
+#[inline(always)]
+fn hsum(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// Dot product with 8 independent lanes (vectorizes; the tail is scalar).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [[0f32; 8]; 2];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[0][l] = madd(x[l], y[l], acc[0][l]);
+            acc[1][l] = madd(x[l + 8], y[l + 8], acc[1][l]);
+        }
+    }
+    let mut s = hsum(&acc[0]) + hsum(&acc[1]);
+    for (x, y) in ta.iter().zip(tb) {
+        s = madd(*x, *y, s);
+    }
+    s
+}
+
+/// One query against four rows.
+#[inline(always)]
+fn k1x4(q: &[f32], r: [&[f32]; 4]) -> [f32; 4] {
+    let n = q.len();
+    let (r0, r1, r2, r3) = (&r[0][..n], &r[1][..n], &r[2][..n], &r[3][..n]);
+    let mut acc = [[0f32; 8]; 4];
+    let body = n / 8 * 8;
+    for ((((x, a), b), c), d) in q[..body]
+        .chunks_exact(8)
+        .zip(r0[..body].chunks_exact(8))
+        .zip(r1[..body].chunks_exact(8))
+        .zip(r2[..body].chunks_exact(8))
+        .zip(r3[..body].chunks_exact(8))
+    {
+        for l in 0..8 {
+            acc[0][l] = madd(x[l], a[l], acc[0][l]);
+            acc[1][l] = madd(x[l], b[l], acc[1][l]);
+            acc[2][l] = madd(x[l], c[l], acc[2][l]);
+            acc[3][l] = madd(x[l], d[l], acc[3][l]);
+        }
+    }
+    let mut out = [hsum(&acc[0]), hsum(&acc[1]), hsum(&acc[2]), hsum(&acc[3])];
+    for i in body..n {
+        out[0] = madd(q[i], r0[i], out[0]);
+        out[1] = madd(q[i], r1[i], out[1]);
+        out[2] = madd(q[i], r2[i], out[2]);
+        out[3] = madd(q[i], r3[i], out[3]);
+    }
+    out
+}
+
+/// Four queries against two rows: 8 accumulators, 6 loads per 8 FMAs.
+#[inline(always)]
+fn k4x2(q: [&[f32]; 4], a: &[f32], b: &[f32]) -> [[f32; 2]; 4] {
+    let n = a.len();
+    let (q0, q1, q2, q3, b) = (&q[0][..n], &q[1][..n], &q[2][..n], &q[3][..n], &b[..n]);
+    let mut acc = [[[0f32; 8]; 2]; 4];
+    let body = n / 8 * 8;
+    for (((((ra, rb), x0), x1), x2), x3) in a[..body]
+        .chunks_exact(8)
+        .zip(b[..body].chunks_exact(8))
+        .zip(q0[..body].chunks_exact(8))
+        .zip(q1[..body].chunks_exact(8))
+        .zip(q2[..body].chunks_exact(8))
+        .zip(q3[..body].chunks_exact(8))
+    {
+        for l in 0..8 {
+            acc[0][0][l] = madd(x0[l], ra[l], acc[0][0][l]);
+            acc[0][1][l] = madd(x0[l], rb[l], acc[0][1][l]);
+            acc[1][0][l] = madd(x1[l], ra[l], acc[1][0][l]);
+            acc[1][1][l] = madd(x1[l], rb[l], acc[1][1][l]);
+            acc[2][0][l] = madd(x2[l], ra[l], acc[2][0][l]);
+            acc[2][1][l] = madd(x2[l], rb[l], acc[2][1][l]);
+            acc[3][0][l] = madd(x3[l], ra[l], acc[3][0][l]);
+            acc[3][1][l] = madd(x3[l], rb[l], acc[3][1][l]);
+        }
+    }
+    let qs = [q0, q1, q2, q3];
+    let mut out = [[0f32; 2]; 4];
+    for j in 0..4 {
+        out[j][0] = hsum(&acc[j][0]);
+        out[j][1] = hsum(&acc[j][1]);
+        for i in body..n {
+            out[j][0] = madd(qs[j][i], a[i], out[j][0]);
+            out[j][1] = madd(qs[j][i], b[i], out[j][1]);
+        }
+    }
+    out
+}
+
+/// Dot product used by the HNSW distance functions (runtime-dispatched to AVX2+FMA).
+#[inline]
+pub fn dot_product(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports avx2 and fma.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    <avx2::Avx2 as Kernels>::dot(a, b)
+}
+
+/// AVX2 + FMA kernels with intrinsics: LLVM's auto-vectorizer picked 128-bit vectors for
+/// the portable kernels even with AVX2 enabled. Only called from `#[target_feature]`
+/// functions, after runtime detection.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    pub struct Avx2;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    impl super::Kernels for Avx2 {
+        #[inline(always)]
+        fn dot(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let body = n / 16 * 16;
+            // SAFETY: loads stay below `body <= n`; the caller checked avx2 and fma.
+            unsafe {
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                let (mut x, mut y) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                while i < body {
+                    x = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), x);
+                    y = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), y);
+                    i += 16;
+                }
+                let mut s = hsum(_mm256_add_ps(x, y));
+                for j in body..n {
+                    s += a[j] * b[j];
+                }
+                s
+            }
+        }
+
+        #[inline(always)]
+        fn k1x4(q: &[f32], r: [&[f32]; 4]) -> [f32; 4] {
+            let n = q.len();
+            assert!(r.iter().all(|x| x.len() >= n));
+            let body = n / 8 * 8;
+            // SAFETY: every row is at least `n` long (asserted); loads stay below `body`.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i < body {
+                    let x = _mm256_loadu_ps(q.as_ptr().add(i));
+                    for j in 0..4 {
+                        acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[j].as_ptr().add(i)), acc[j]);
+                    }
+                    i += 8;
+                }
+                let mut out = [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])];
+                for i in body..n {
+                    for j in 0..4 {
+                        out[j] += q[i] * r[j][i];
+                    }
+                }
+                out
+            }
+        }
+
+        #[inline(always)]
+        fn k4x2(q: [&[f32]; 4], a: &[f32], b: &[f32]) -> [[f32; 2]; 4] {
+            let n = a.len();
+            assert!(b.len() >= n && q.iter().all(|x| x.len() >= n));
+            let body = n / 8 * 8;
+            // SAFETY: all slices are at least `n` long (asserted); loads stay below `body`.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                let mut i = 0;
+                while i < body {
+                    let ra = _mm256_loadu_ps(a.as_ptr().add(i));
+                    let rb = _mm256_loadu_ps(b.as_ptr().add(i));
+                    for j in 0..4 {
+                        let x = _mm256_loadu_ps(q[j].as_ptr().add(i));
+                        acc[j][0] = _mm256_fmadd_ps(x, ra, acc[j][0]);
+                        acc[j][1] = _mm256_fmadd_ps(x, rb, acc[j][1]);
+                    }
+                    i += 8;
+                }
+                let mut out = [[0f32; 2]; 4];
+                for j in 0..4 {
+                    out[j] = [hsum(acc[j][0]), hsum(acc[j][1])];
+                    for i in body..n {
+                        out[j][0] += q[j][i] * a[i];
+                        out[j][1] += q[j][i] * b[i];
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(data: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let mut v: Vec<(u32, f32)> = data
+            .chunks_exact(dim)
+            .enumerate()
+            .map(|(i, r)| (i as u32, r.iter().zip(q).map(|(a, b)| a * b).sum()))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(k);
+        v
+    }
+
+    /// Odd sizes exercise every padding path: dims not a multiple of 8, query groups of
+    /// 1-3, odd row counts, row counts below and above the parallel threshold.
+    #[test]
+    fn matches_naive_on_odd_shapes() {
+        let mut state = 12345u64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for &(n, dim, nq) in &[(1, 3, 1), (7, 13, 2), (300, 37, 5), (5000, 64, 19), (20_001, 24, 3)] {
+            let data: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();
+            let qs: Vec<f32> = (0..nq * dim).map(|_| rnd()).collect();
+            let got = exact_search(&data, dim, &qs, 5);
+            assert_eq!(got.len(), nq);
+            for (qi, hits) in got.iter().enumerate() {
+                let want = naive(&data, dim, &qs[qi * dim..(qi + 1) * dim], 5);
+                assert_eq!(hits.len(), want.len());
+                for (h, w) in hits.iter().zip(&want) {
+                    assert!((h.similarity - w.1).abs() < 1e-4, "n={n} dim={dim}: {h:?} vs {w:?}");
+                }
+                assert_eq!(hits[0].id, want[0].0, "n={n} dim={dim} q={qi}");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_product_matches_scalar() {
+        let a: Vec<f32> = (0..389).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..389).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot_product(&a, &b) - want).abs() < 1e-3);
+    }
+}

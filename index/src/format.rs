@@ -1,0 +1,335 @@
+//! The index file format and the atomic save.
+//!
+//! ```text
+//! offset size  field (little endian)
+//! 0      8     magic "NSPANIDX"
+//! 8      2     format_version (CURRENT_VERSION)
+//! 10     2     reserved (0)
+//! 12     4     dim
+//! 16     4     n_spans
+//! 20     4     n_labels
+//! 24     32    encoder fingerprint: sha256(model id, revision, pooling, max_width)
+//! 56     ..    body, a sequence of u64-length-prefixed sections:
+//!                meta      bincode 2 (serde, `config::standard()`): encoder info, requested
+//!                          backend, HNSW params, labels, example records, span records
+//!                spans     n_spans * dim f32, row-major
+//!                utts      n_examples * dim f32, row-major
+//!                graph     u8 kind (0 none, 1 usearch) + u64 len + bytes, for spans
+//!                graph     the same, for utterances
+//! end-4  4     crc32 (crc32fast) of every byte before it
+//! ```
+//! The vectors are raw f32 sections rather than bincode sequences so that reading 10^6
+//! vectors is a bounds check and a copy. They are the source of truth: a graph is only
+//! a cache, rebuilt from them when absent (hnsw_rs cannot serialize to a buffer) or when
+//! it fails to load.
+//!
+//! Readers check, in order: magic (`NotAnIndex`), version (`UnsupportedVersion`; before
+//! the checksum, since a future version may lay out its trailer differently), length and
+//! checksum (`Corrupt`), then every section length against the bytes left before
+//! allocating anything, and the header against the body.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BackendKind, EncoderInfo, ExampleRecord, HnswParams, IndexError, SpanRecord};
+
+pub(crate) const MAGIC: &[u8; 8] = b"NSPANIDX";
+/// The format version this build writes.
+pub const CURRENT_VERSION: u16 = 1;
+/// The oldest format version this build reads.
+pub const OLDEST_SUPPORTED_VERSION: u16 = 1;
+pub(crate) const HEADER_LEN: usize = 56;
+const TRAILER_LEN: usize = 4;
+/// Upper bound on `dim`, rejecting absurd headers before any allocation.
+const MAX_DIM: u32 = 1 << 16;
+/// Upper bound on the bincode metadata section.
+const META_LIMIT: usize = 1 << 32;
+
+pub(crate) const GRAPH_NONE: u8 = 0;
+pub(crate) const GRAPH_USEARCH: u8 = 1;
+
+/// Everything but the vectors and graphs.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Meta {
+    pub encoder: EncoderInfo,
+    pub backend: BackendKind,
+    pub params: HnswParams,
+    pub labels: Vec<String>,
+    pub examples: Vec<ExampleRecord>,
+    pub spans: Vec<SpanRecord>,
+}
+
+/// A graph section: its kind tag and bytes.
+pub(crate) type Graph<'a> = (u8, &'a [u8]);
+
+pub(crate) struct Decoded<'a> {
+    pub meta: Meta,
+    pub span_vectors: Vec<f32>,
+    pub utt_vectors: Vec<f32>,
+    pub span_graph: Graph<'a>,
+    pub utt_graph: Graph<'a>,
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<META_LIMIT>()
+}
+
+pub(crate) fn encode(
+    meta: &Meta,
+    span_vectors: &[f32],
+    utt_vectors: &[f32],
+    span_graph: Graph<'_>,
+    utt_graph: Graph<'_>,
+) -> Vec<u8> {
+    let meta_bytes = bincode::serde::encode_to_vec(meta, bincode_config())
+        .expect("encoding plain structs into a Vec cannot fail");
+    let total = HEADER_LEN
+        + 8 + meta_bytes.len()
+        + 8 + span_vectors.len() * 4
+        + 8 + utt_vectors.len() * 4
+        + 2 * (1 + 8) + span_graph.1.len() + utt_graph.1.len()
+        + TRAILER_LEN;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&CURRENT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&meta.encoder.dim.to_le_bytes());
+    out.extend_from_slice(&(meta.spans.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(meta.labels.len() as u32).to_le_bytes());
+    out.extend_from_slice(&meta.encoder.fingerprint());
+    debug_assert_eq!(out.len(), HEADER_LEN);
+    out.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(&meta_bytes);
+    for vs in [span_vectors, utt_vectors] {
+        out.extend_from_slice(&((vs.len() * 4) as u64).to_le_bytes());
+        for x in vs {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    for (kind, bytes) in [span_graph, utt_graph] {
+        out.push(kind);
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(out.len(), total);
+    out
+}
+
+struct Reader<'a, 'p> {
+    buf: &'a [u8],
+    pos: usize,
+    path: &'p Path,
+}
+
+impl<'a> Reader<'a, '_> {
+    fn corrupt(&self, detail: String) -> IndexError {
+        IndexError::Corrupt { path: self.path.to_path_buf(), detail }
+    }
+    fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], IndexError> {
+        let left = self.buf.len() - self.pos;
+        if n > left as u64 {
+            return Err(self.corrupt(format!("{what} section claims {n} bytes, {left} left")));
+        }
+        let s = &self.buf[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, IndexError> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, IndexError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn f32s(&mut self, expected_len: u64, what: &str) -> Result<Vec<f32>, IndexError> {
+        let n = self.u64(what)?;
+        if n != expected_len {
+            return Err(self.corrupt(format!("{what} section has {n} bytes, header implies {expected_len}")));
+        }
+        let raw = self.take(n, what)?;
+        Ok(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+    fn graph(&mut self, what: &str) -> Result<Graph<'a>, IndexError> {
+        let kind = self.u8(what)?;
+        let n = self.u64(what)?;
+        Ok((kind, self.take(n, what)?))
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+pub(crate) fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<Decoded<'a>, IndexError> {
+    let corrupt = |detail: String| IndexError::Corrupt { path: path.to_path_buf(), detail };
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(IndexError::NotAnIndex { path: path.to_path_buf() });
+    }
+    if bytes.len() < 10 {
+        return Err(corrupt(format!("truncated: {} bytes", bytes.len())));
+    }
+    let version = u16_at(bytes, 8);
+    if !(OLDEST_SUPPORTED_VERSION..=CURRENT_VERSION).contains(&version) {
+        return Err(IndexError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: version,
+            oldest: OLDEST_SUPPORTED_VERSION,
+            current: CURRENT_VERSION,
+        });
+    }
+    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+        return Err(corrupt(format!("truncated: {} bytes, the header alone is {HEADER_LEN}", bytes.len())));
+    }
+    let (content, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    let stored = u32::from_le_bytes(trailer.try_into().unwrap());
+    let computed = crc32fast::hash(content);
+    if stored != computed {
+        return Err(corrupt(format!("checksum mismatch: stored {stored:08x}, computed {computed:08x}")));
+    }
+    let dim = u32_at(bytes, 12);
+    let n_spans = u32_at(bytes, 16);
+    let n_labels = u32_at(bytes, 20);
+    let fingerprint: [u8; 32] = bytes[24..56].try_into().unwrap();
+    if dim == 0 || dim > MAX_DIM {
+        return Err(corrupt(format!("dimension {dim} outside 1..={MAX_DIM}")));
+    }
+
+    let mut r = Reader { buf: &content[HEADER_LEN..], pos: 0, path };
+    let meta_len = r.u64("metadata")?;
+    let meta_bytes = r.take(meta_len, "metadata")?;
+    let (meta, used): (Meta, usize) = bincode::serde::decode_from_slice(meta_bytes, bincode_config())
+        .map_err(|e| corrupt(format!("metadata: {e}")))?;
+    if used != meta_bytes.len() {
+        return Err(corrupt(format!("metadata: {} trailing bytes", meta_bytes.len() - used)));
+    }
+    if meta.encoder.dim != dim || meta.spans.len() as u64 != n_spans as u64 || meta.labels.len() as u64 != n_labels as u64 {
+        return Err(corrupt(format!(
+            "header says dim {dim}, {n_spans} spans, {n_labels} labels; body has dim {}, {} spans, {} labels",
+            meta.encoder.dim,
+            meta.spans.len(),
+            meta.labels.len()
+        )));
+    }
+    if meta.encoder.fingerprint() != fingerprint {
+        return Err(corrupt("encoder fingerprint in the header does not match the body".into()));
+    }
+    let n_examples = meta.examples.len() as u64;
+    if n_examples > u32::MAX as u64 {
+        return Err(corrupt(format!("{n_examples} examples")));
+    }
+    for s in &meta.spans {
+        if s.label.0 >= n_labels || s.example.0 as u64 >= n_examples || s.start > s.end {
+            return Err(corrupt(format!("span record {s:?} out of range")));
+        }
+    }
+    let span_vectors = r.f32s(n_spans as u64 * dim as u64 * 4, "span vectors")?;
+    let utt_vectors = r.f32s(n_examples * dim as u64 * 4, "utterance vectors")?;
+    let span_graph = r.graph("span graph")?;
+    let utt_graph = r.graph("utterance graph")?;
+    if r.pos != r.buf.len() {
+        return Err(corrupt(format!("{} unexpected bytes after the last section", r.buf.len() - r.pos)));
+    }
+    Ok(Decoded { meta, span_vectors, utt_vectors, span_graph, utt_graph })
+}
+
+/// Where [`atomic_write`] puts its temporary file for `path`.
+///
+/// It must be in the *same directory* as the target: `rename(2)` is atomic only within one
+/// filesystem, and a temp file elsewhere (`/tmp` is often a tmpfs) would make the final
+/// move a copy that a crash can leave half-written. The name is hidden and unique per
+/// process and call, so concurrent saves never share a temp file.
+pub(crate) fn temp_path_for(path: &Path) -> Result<PathBuf, IndexError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().ok_or_else(|| {
+        IndexError::io(path, io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))
+    })?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = format!(".{}.tmp.{}.{n}", name.to_string_lossy(), std::process::id());
+    Ok(path.with_file_name(tmp))
+}
+
+/// Replace `path` with what `write` produces, atomically: write a temp file in the same
+/// directory, fsync it, rename it over `path`, fsync the directory (so the rename itself
+/// survives a power loss). A failure or crash at any point leaves the old file intact;
+/// on failure the temp file is removed.
+pub(crate) fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), IndexError> {
+    let tmp = temp_path_for(path)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| IndexError::io(&tmp, e))?;
+    let result = (|| {
+        write(&mut file)?;
+        file.flush()?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)?;
+        sync_parent_dir(path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(IndexError::io(path, e));
+    }
+    Ok(())
+}
+
+fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_file_is_in_the_target_directory() {
+        let p = Path::new("/some/dir/index.nsi");
+        let t = temp_path_for(p).unwrap();
+        assert_eq!(t.parent(), p.parent());
+        assert_ne!(t, p);
+    }
+
+    /// A write that fails midway leaves the old file byte-for-byte intact and no temp file.
+    #[test]
+    fn failed_write_keeps_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.nsi");
+        fs::write(&path, b"old contents").unwrap();
+        let err = atomic_write(&path, |f| {
+            f.write_all(b"half of the new")?;
+            Err(io::Error::other("disk full (simulated)"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(err.to_string().contains("index.nsi"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"old contents");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("index.nsi")]);
+
+        atomic_write(&path, |f| f.write_all(b"new")).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,565 @@
+//! Integration tests: one binary, a module per area, a temp dir per test.
+//! Random data is seeded; every test prints its seed.
+
+use nearspan_index::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+
+mod util {
+    use super::*;
+
+    pub fn enc(model: &str, dim: u32) -> EncoderInfo {
+        EncoderInfo {
+            model_id: model.into(),
+            revision: "sha256:0123456789abcdef".into(),
+            pooling: "mean".into(),
+            max_width: 8,
+            dim,
+        }
+    }
+
+    pub fn normalize(v: &mut [f32]) {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+
+    /// `n` normalized vectors around `centres` random centres (gaussian noise, sigma `noise`).
+    pub fn clustered(n: usize, dim: usize, centres: usize, noise: f32, rng: &mut StdRng) -> Vec<f32> {
+        let g = Normal::new(0.0f32, 1.0).unwrap();
+        let cs: Vec<Vec<f32>> = (0..centres)
+            .map(|_| {
+                let mut c: Vec<f32> = (0..dim).map(|_| g.sample(rng)).collect();
+                normalize(&mut c);
+                c
+            })
+            .collect();
+        let mut out = Vec::with_capacity(n * dim);
+        for _ in 0..n {
+            let c = &cs[rng.random_range(0..centres)];
+            let mut v: Vec<f32> = c.iter().map(|x| x + noise * g.sample(rng) / (dim as f32).sqrt()).collect();
+            normalize(&mut v);
+            out.extend_from_slice(&v);
+        }
+        out
+    }
+
+    pub fn seeded(name: &str) -> StdRng {
+        let seed = 0x5eed_0000 + name.bytes().map(|b| b as u64).sum::<u64>();
+        println!("{name}: seed {seed}");
+        StdRng::seed_from_u64(seed)
+    }
+
+    pub fn hnsw_kinds() -> Vec<BackendKind> {
+        let mut v = Vec::new();
+        if cfg!(feature = "hnsw-rs") {
+            v.push(BackendKind::HnswRs);
+        }
+        if cfg!(feature = "usearch") {
+            v.push(BackendKind::Usearch);
+        }
+        v
+    }
+
+    pub fn all_kinds() -> Vec<BackendKind> {
+        let mut v = vec![BackendKind::Exact, BackendKind::Auto];
+        v.extend(hnsw_kinds());
+        v
+    }
+
+    pub const LABELS: [&str; 4] = ["O", "city", "date", "airline"];
+
+    /// An index of `n` examples with two spans each, vectors from `clustered`.
+    pub fn build(kind: BackendKind, n: usize, dim: u32, rng: &mut StdRng) -> SpanIndex {
+        let mut index = SpanIndex::new(enc("toy/encoder", dim), kind, HnswParams::default()).unwrap();
+        let d = dim as usize;
+        let vs = clustered(n * 3, d, 20, 0.5, rng);
+        for i in 0..n {
+            let text = format!("utterance number {i}");
+            let row = |j: usize| &vs[(3 * i + j) * d..(3 * i + j + 1) * d];
+            let spans = [
+                (NewSpan { label: LABELS[i % 4], start: 0, end: 9, text: "utterance" }, row(1)),
+                (NewSpan { label: LABELS[(i + 1) % 4], start: 17, end: 17 + format!("{i}").len() as u32, text: "num" }, row(2)),
+            ];
+            index.add_example(&text, Some(if i % 2 == 0 { "even" } else { "odd" }), row(0), &spans).unwrap();
+        }
+        index
+    }
+}
+
+use util::*;
+
+mod exact {
+    use super::*;
+
+    /// `SpanIndex` exact search against a naive loop, single and batch.
+    #[test]
+    fn exact_matches_naive() {
+        let mut rng = seeded("exact_matches_naive");
+        let dim = 48;
+        let index = build(BackendKind::Exact, 1500, dim, &mut rng);
+        assert_eq!(index.backend(), BackendKind::Exact);
+        let queries = clustered(40, dim as usize, 20, 0.7, &mut rng);
+        let batch = index.search_spans_batch(&queries, 7);
+        for (qi, q) in queries.chunks_exact(dim as usize).enumerate() {
+            let mut naive: Vec<(u32, f32)> = (0..index.n_spans() as u32)
+                .map(|i| (i, index.span_vector(i).iter().zip(q).map(|(a, b)| a * b).sum()))
+                .collect();
+            naive.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let got = index.search_spans(q, 7);
+            assert_eq!(got.len(), 7);
+            assert_eq!(got, batch[qi], "batch and single search differ for query {qi}");
+            for (g, w) in got.iter().zip(&naive) {
+                assert!((g.similarity - w.1).abs() < 1e-5, "query {qi}: {g:?} vs {w:?}");
+            }
+            assert_eq!(got[0].id, naive[0].0);
+            assert!(got.windows(2).all(|w| w[0].similarity >= w[1].similarity));
+        }
+        // k larger than the collection, and k = 0.
+        assert_eq!(index.search_spans(&queries[..dim as usize], 10_000).len(), index.n_spans());
+        assert!(index.search_spans(&queries[..dim as usize], 0).is_empty());
+        assert_eq!(index.search_utterances(&queries[..dim as usize], 3).len(), 3);
+    }
+
+    #[test]
+    fn empty_index_searches_return_nothing() {
+        for kind in all_kinds() {
+            let index = SpanIndex::new(enc("e", 8), kind, HnswParams::default()).unwrap();
+            assert!(index.search_spans(&[0.0; 8], 5).is_empty(), "{kind}");
+            assert!(index.search_utterances(&[0.0; 8], 5).is_empty(), "{kind}");
+            assert!(index.search_spans_batch(&[0.0; 16], 5).iter().all(Vec::is_empty), "{kind}");
+        }
+    }
+
+    #[test]
+    fn payloads_and_labels() {
+        let mut rng = seeded("payloads_and_labels");
+        let index = build(BackendKind::Exact, 10, 8, &mut rng);
+        assert_eq!(index.n_examples(), 10);
+        assert_eq!(index.n_spans(), 20);
+        assert_eq!(index.labels().collect::<Vec<_>>(), LABELS.to_vec());
+        let s = index.span(3);
+        assert_eq!(s.example, ExampleId(1));
+        assert_eq!(index.label(s.label), "date");
+        assert_eq!((s.start, s.end, s.text.as_str()), (17, 18, "num"));
+        assert_eq!(index.example(ExampleId(1)).text, "utterance number 1");
+        assert_eq!(index.example(ExampleId(1)).intent.as_deref(), Some("odd"));
+        assert_eq!(index.label_id("city"), Some(LabelId(1)));
+    }
+
+    #[test]
+    fn dimension_checked_on_add() {
+        let mut index = SpanIndex::new(enc("e", 4), BackendKind::Exact, HnswParams::default()).unwrap();
+        let e = index.add_example("x", None, &[1.0, 0.0, 0.0], &[]).unwrap_err();
+        assert!(matches!(e, IndexError::DimensionMismatch { expected: 4, found: 3, .. }), "{e}");
+        let span = (NewSpan { label: "a", start: 0, end: 1, text: "x" }, &[1.0f32, 0.0][..]);
+        let e = index.add_example("x", None, &[1.0, 0.0, 0.0, 0.0], &[span]).unwrap_err();
+        assert!(matches!(e, IndexError::DimensionMismatch { expected: 4, found: 2, .. }), "{e}");
+        let bad = (NewSpan { label: "a", start: 2, end: 1, text: "x" }, &[1.0f32, 0.0, 0.0, 0.0][..]);
+        let e = index.add_example("xyz", None, &[1.0, 0.0, 0.0, 0.0], &[bad]).unwrap_err();
+        assert!(matches!(e, IndexError::InvalidSpan { .. }), "{e}");
+        // Nothing was added by the failed calls.
+        assert_eq!((index.n_examples(), index.n_spans(), index.n_labels()), (0, 0, 0));
+    }
+
+    #[cfg(not(feature = "hnsw-rs"))]
+    #[test]
+    fn missing_hnsw_rs_is_a_typed_error() {
+        let e = SpanIndex::new(enc("e", 4), BackendKind::HnswRs, HnswParams::default()).unwrap_err();
+        assert!(matches!(e, IndexError::BackendUnavailable { requested: BackendKind::HnswRs, .. }), "{e}");
+        assert!(e.to_string().contains("hnsw-rs"), "{e}");
+    }
+
+    #[cfg(not(feature = "usearch"))]
+    #[test]
+    fn missing_usearch_is_a_typed_error_and_auto_is_exact() {
+        let e = SpanIndex::new(enc("e", 4), BackendKind::Usearch, HnswParams::default()).unwrap_err();
+        assert!(matches!(e, IndexError::BackendUnavailable { requested: BackendKind::Usearch, .. }), "{e}");
+        let index = SpanIndex::new(enc("e", 4), BackendKind::Auto, HnswParams::default()).unwrap();
+        assert_eq!(index.backend(), BackendKind::Exact);
+    }
+}
+
+mod recall {
+    #[allow(unused_imports)]
+    use super::*;
+    #[cfg(any(feature = "hnsw-rs", feature = "usearch"))]
+    use nearspan_index::backend::{exact::exact_search, new_backend};
+
+    #[cfg(any(feature = "hnsw-rs", feature = "usearch"))]
+    /// recall@1 of `kind` against exact search on 20k clustered 64-dim vectors.
+    fn recall_at_1(kind: BackendKind) -> f32 {
+        let mut rng = seeded(&format!("recall_{kind}"));
+        let (n, dim, nq) = (20_000, 64, 500);
+        let data = clustered(n + nq, dim, 200, 0.6, &mut rng);
+        let (data, queries) = data.split_at(n * dim);
+        let vectors = nearspan_index::backend::Vectors::from_vec(dim, data.to_vec());
+        let params = HnswParams::default();
+        let mut b = new_backend(kind, dim, &params, n).unwrap();
+        b.insert_batch(0, data, dim).unwrap();
+        let got = b.search_batch(&vectors, queries, 1);
+        let want = exact_search(data, dim, queries, 1);
+        let hits = got.iter().zip(&want).filter(|(g, w)| !g.is_empty() && g[0].id == w[0].id).count();
+        hits as f32 / nq as f32
+    }
+
+    #[cfg(feature = "hnsw-rs")]
+    #[test]
+    fn hnsw_rs_recall() {
+        let recall = recall_at_1(BackendKind::HnswRs);
+        println!("hnsw_rs recall@1 = {recall}");
+        assert!(recall >= 0.95, "expected at least 0.95, got {recall}");
+    }
+
+    #[cfg(feature = "usearch")]
+    #[test]
+    fn usearch_recall() {
+        let recall = recall_at_1(BackendKind::Usearch);
+        println!("usearch recall@1 = {recall}");
+        assert!(recall >= 0.95, "expected at least 0.95, got {recall}");
+    }
+}
+
+mod format {
+    use super::*;
+    use std::fs;
+    use std::path::Path;
+
+    fn assert_same_contents(a: &SpanIndex, b: &SpanIndex) {
+        assert_eq!(a.encoder(), b.encoder());
+        assert_eq!((a.n_examples(), a.n_spans(), a.n_labels()), (b.n_examples(), b.n_spans(), b.n_labels()));
+        assert_eq!(a.labels().collect::<Vec<_>>(), b.labels().collect::<Vec<_>>());
+        for i in 0..a.n_spans() as u32 {
+            assert_eq!(a.span(i), b.span(i));
+            assert_eq!(a.span_vector(i), b.span_vector(i));
+        }
+        for i in 0..a.n_examples() as u32 {
+            assert_eq!(a.example(ExampleId(i)), b.example(ExampleId(i)));
+        }
+        assert_eq!(a.params(), b.params());
+        assert_eq!(a.backend(), b.backend());
+    }
+
+    /// Every stored span finds itself first.
+    fn assert_self_search(index: &SpanIndex) {
+        for i in (0..index.n_spans() as u32).step_by(7) {
+            let hits = index.search_spans(index.span_vector(i), 1);
+            assert_eq!(hits[0].id, i, "{}: span {i}", index.backend());
+        }
+    }
+
+    #[test]
+    fn roundtrip_every_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in all_kinds() {
+            let mut rng = seeded(&format!("roundtrip_{kind}"));
+            let index = build(kind, 300, 16, &mut rng);
+            let path = dir.path().join(format!("{kind}.nsi"));
+            index.save(&path).unwrap();
+            let opened = SpanIndex::open(&path, Some(index.encoder())).unwrap();
+            assert_same_contents(&index, &opened);
+            assert_self_search(&opened);
+            let from_bytes = SpanIndex::from_bytes(&index.to_bytes().unwrap(), None).unwrap();
+            assert_same_contents(&index, &from_bytes);
+            // Saving what was opened gives the same bytes (hnsw_rs and exact store no graph;
+            // usearch reserializes the graph it loaded).
+            assert_eq!(opened.to_bytes().unwrap(), fs::read(&path).unwrap(), "{kind}");
+        }
+    }
+
+    fn saved(dir: &Path) -> (SpanIndex, std::path::PathBuf, Vec<u8>) {
+        let mut rng = seeded("saved");
+        let index = build(BackendKind::Exact, 20, 8, &mut rng);
+        let path = dir.join("index.nsi");
+        index.save(&path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        (index, path, bytes)
+    }
+
+    #[test]
+    fn wrong_encoder_is_refused_with_readable_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path, _) = saved(dir.path());
+        let e = SpanIndex::open(&path, Some(&enc("other/model", 8))).unwrap_err();
+        assert!(matches!(e, IndexError::EncoderMismatch { .. }), "{e}");
+        let msg = e.to_string();
+        println!("{msg}");
+        assert!(msg.contains("toy/encoder") && msg.contains("other/model"), "{msg}");
+        assert!(msg.contains("index.nsi"), "{msg}");
+        // Same model, other revision: the message shows the revisions.
+        let mut other = enc("toy/encoder", 8);
+        other.revision = "sha256:ffff".into();
+        let msg = SpanIndex::open(&path, Some(&other)).unwrap_err().to_string();
+        assert!(msg.contains("sha256:0123") && msg.contains("sha256:ffff"), "{msg}");
+        // Same fingerprint, different dim.
+        let e = SpanIndex::open(&path, Some(&enc("toy/encoder", 16))).unwrap_err();
+        assert!(matches!(e, IndexError::DimensionMismatch { expected: 8, found: 16, .. }), "{e}");
+        // The right encoder opens.
+        SpanIndex::open(&path, Some(&enc("toy/encoder", 8))).unwrap();
+    }
+
+    #[test]
+    fn flipped_byte_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path, bytes) = saved(dir.path());
+        for at in [12, 20, 30, 60, bytes.len() / 2, bytes.len() - 5, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x40;
+            fs::write(&path, &b).unwrap();
+            let e = SpanIndex::open(&path, None).unwrap_err();
+            assert!(matches!(e, IndexError::Corrupt { .. }), "byte {at}: {e}");
+            assert!(e.to_string().contains("index.nsi"), "{e}");
+        }
+    }
+
+    #[test]
+    fn truncated_is_corrupt_or_not_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path, bytes) = saved(dir.path());
+        for len in [0, 5, 9, 30, 59, bytes.len() / 2, bytes.len() - 1] {
+            fs::write(&path, &bytes[..len]).unwrap();
+            let e = SpanIndex::open(&path, None).unwrap_err();
+            if len < 8 {
+                assert!(matches!(e, IndexError::NotAnIndex { .. }), "len {len}: {e}");
+            } else {
+                assert!(matches!(e, IndexError::Corrupt { .. }), "len {len}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_magic_is_not_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path, mut bytes) = saved(dir.path());
+        bytes[0] = b'X';
+        fs::write(&path, &bytes).unwrap();
+        let e = SpanIndex::open(&path, None).unwrap_err();
+        assert!(matches!(e, IndexError::NotAnIndex { .. }), "{e}");
+        fs::write(&path, "{\"json\": true}\n").unwrap();
+        let e = SpanIndex::open(&path, None).unwrap_err();
+        assert!(matches!(e, IndexError::NotAnIndex { .. }), "{e}");
+        let e = SpanIndex::open(&dir.path().join("missing.nsi"), None).unwrap_err();
+        assert!(matches!(e, IndexError::Io { .. }) && e.to_string().contains("missing.nsi"), "{e}");
+    }
+
+    #[test]
+    fn future_version_is_unsupported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path, mut bytes) = saved(dir.path());
+        bytes[8..10].copy_from_slice(&99u16.to_le_bytes());
+        fs::write(&path, &bytes).unwrap();
+        let e = SpanIndex::open(&path, None).unwrap_err();
+        assert!(matches!(e, IndexError::UnsupportedVersion { found: 99, current: 1, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("v99") && msg.contains("v1"), "{msg}");
+        bytes[8..10].copy_from_slice(&0u16.to_le_bytes());
+        let e = SpanIndex::from_bytes(&bytes, None).unwrap_err();
+        assert!(matches!(e, IndexError::UnsupportedVersion { found: 0, .. }), "{e}");
+    }
+
+    /// A section length far beyond the file is rejected before allocating, even with a
+    /// valid checksum.
+    #[test]
+    fn absurd_length_is_rejected() {
+        let (index, ..) = saved(tempfile::tempdir().unwrap().path());
+        let mut bytes = index.to_bytes().unwrap();
+        bytes[56..64].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        let n = bytes.len();
+        let crc = crc32(&bytes[..n - 4]);
+        bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        let e = SpanIndex::from_bytes(&bytes, None).unwrap_err();
+        assert!(matches!(e, IndexError::Corrupt { .. }), "{e}");
+        println!("{e}");
+    }
+
+    fn crc32(b: &[u8]) -> u32 {
+        // Bitwise CRC-32 (IEEE), independent of the crate's implementation.
+        let mut crc = !0u32;
+        for &x in b {
+            crc ^= x as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn save_replaces_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, path, old_bytes) = saved(dir.path());
+        // Replace with a bigger index; no temp file stays behind.
+        let mut rng = seeded("save_replaces_atomically");
+        let new = build(BackendKind::Exact, 40, 8, &mut rng);
+        new.save(&path).unwrap();
+        assert_eq!(SpanIndex::open(&path, None).unwrap().n_examples(), 40);
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("index.nsi")]);
+        // A save that fails at the rename (the target is a directory) leaves the target and
+        // the directory as they were, and removes its temp file.
+        old.save(&path).unwrap();
+        let target_dir = dir.path().join("taken");
+        fs::create_dir(&target_dir).unwrap();
+        fs::write(target_dir.join("keep"), b"x").unwrap();
+        let e = new.save(&target_dir).unwrap_err();
+        assert!(matches!(e, IndexError::Io { .. }) && e.to_string().contains("taken"), "{e}");
+        assert!(target_dir.join("keep").exists());
+        assert_eq!(fs::read(&path).unwrap(), old_bytes);
+        let mut names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec![std::ffi::OsString::from("index.nsi"), "taken".into()]);
+    }
+}
+
+mod live {
+    use super::*;
+
+    /// Add examples to an opened index and find them, for every backend.
+    #[test]
+    fn add_after_open_every_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in all_kinds() {
+            let mut rng = seeded(&format!("add_after_open_{kind}"));
+            let path = dir.path().join(format!("{kind}.nsi"));
+            build(kind, 200, 16, &mut rng).save(&path).unwrap();
+            let mut index = SpanIndex::open(&path, None).unwrap();
+            let fresh = clustered(30, 16, 3, 0.3, &mut rng);
+            let mut new_ids = Vec::new();
+            for (i, v) in fresh.chunks_exact(16).enumerate() {
+                let spans = [(NewSpan { label: "new_label", start: 0, end: 3, text: "new" }, v)];
+                let ex = index.add_example(&format!("new {i}"), None, v, &spans).unwrap();
+                new_ids.push((ex, index.n_spans() as u32 - 1));
+            }
+            assert_eq!(index.n_examples(), 230);
+            for ((ex, span), v) in new_ids.iter().zip(fresh.chunks_exact(16)) {
+                let hit = index.search_spans(v, 1)[0];
+                assert_eq!(hit.id, *span, "{kind}");
+                assert!((hit.similarity - 1.0).abs() < 1e-4, "{kind}: {hit:?}");
+                assert_eq!(index.label(index.span(hit.id).label), "new_label");
+                assert_eq!(index.search_utterances(v, 1)[0].id, ex.0, "{kind}");
+            }
+            index.save(&path).unwrap();
+            let again = SpanIndex::open(&path, None).unwrap();
+            assert_eq!(again.n_spans(), 430);
+            let (ex, span) = new_ids[7];
+            assert_eq!(again.search_spans(again.span_vector(span), 1)[0].id, span, "{kind}");
+            assert_eq!(again.example(ex).text, "new 7");
+        }
+    }
+
+    /// `Auto` starts exact and moves to HNSW once a collection reaches the threshold.
+    #[cfg(any(feature = "hnsw-rs", feature = "usearch"))]
+    #[test]
+    fn auto_upgrades_past_threshold() {
+        let mut rng = seeded("auto_upgrades_past_threshold");
+        let dim = 8;
+        let mut index = SpanIndex::new(enc("e", dim as u32), BackendKind::Auto, HnswParams::default()).unwrap();
+        assert_eq!(index.backend(), BackendKind::Exact);
+        let n = AUTO_EXACT_THRESHOLD / 2 + 1;
+        let vs = clustered(n * 2, dim, 50, 0.5, &mut rng);
+        for (i, pair) in vs.chunks_exact(2 * dim).enumerate() {
+            let (a, b) = pair.split_at(dim);
+            let spans = [(NewSpan { label: "x", start: 0, end: 1, text: "x" }, a), (NewSpan { label: "y", start: 1, end: 2, text: "y" }, b)];
+            index.add_example("t", None, a, &spans).unwrap();
+            if index.n_spans() < AUTO_EXACT_THRESHOLD {
+                assert_eq!(index.backend(), BackendKind::Exact, "after {i}");
+            }
+        }
+        assert_ne!(index.backend(), BackendKind::Exact);
+        let bytes = index.to_bytes().unwrap();
+        let opened = SpanIndex::from_bytes(&bytes, None).unwrap();
+        assert_eq!(opened.backend(), index.backend());
+        let hit = opened.search_spans(opened.span_vector(1234), 1)[0];
+        assert!((hit.similarity - 1.0).abs() < 1e-4);
+    }
+}
+
+mod compat {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn data_path() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/index_v1.nsi")
+    }
+
+    /// The fixture: toy 4-dim vectors, three examples, exact backend.
+    fn fixture() -> SpanIndex {
+        let encoder = EncoderInfo {
+            model_id: "nearspan/toy-encoder".into(),
+            revision: "sha256:00000000".into(),
+            pooling: "mean".into(),
+            max_width: 4,
+            dim: 4,
+        };
+        let params = HnswParams { m: 8, ef_construction: 32, ef_search: 16, seed: 7 };
+        let mut index = SpanIndex::new(encoder, BackendKind::Exact, params).unwrap();
+        let s = |x: f32, y: f32, z: f32, w: f32| {
+            let mut v = vec![x, y, z, w];
+            normalize(&mut v);
+            v
+        };
+        let (u0, a, b) = (s(1., 0., 0., 0.), s(0., 1., 0., 0.), s(0., 0., 1., 0.));
+        index
+            .add_example(
+                "fly from boston to denver",
+                Some("book_flight"),
+                &u0,
+                &[
+                    (NewSpan { label: "from_city", start: 9, end: 15, text: "boston" }, &a),
+                    (NewSpan { label: "to_city", start: 19, end: 25, text: "denver" }, &b),
+                ],
+            )
+            .unwrap();
+        let (u1, c) = (s(1., 0.2, 0., 0.), s(0., 0.9, 0.1, 0.));
+        index
+            .add_example(
+                "flights to paris",
+                Some("book_flight"),
+                &u1,
+                &[(NewSpan { label: "to_city", start: 11, end: 16, text: "paris" }, &c)],
+            )
+            .unwrap();
+        let (u2, d) = (s(0., 0., 0., 1.), s(0.1, 0., 0., 1.));
+        index
+            .add_example("what is the weather", None, &u2, &[(NewSpan { label: "O", start: 0, end: 4, text: "what" }, &d)])
+            .unwrap();
+        index
+    }
+
+    /// Regenerate the committed file: `cargo test --release -p nearspan-index -- --ignored write_compat_v1`.
+    /// Only do this together with a format version bump, keeping the old file.
+    #[test]
+    #[ignore]
+    fn write_compat_v1() {
+        fixture().save(&data_path()).unwrap();
+    }
+
+    /// Format v1 stays readable forever.
+    #[test]
+    fn compat_v1() {
+        let index = SpanIndex::open(&data_path(), None).expect("tests/data/index_v1.nsi must open");
+        assert_eq!(index.encoder().model_id, "nearspan/toy-encoder");
+        assert_eq!(index.encoder().dim, 4);
+        assert_eq!(index.backend(), BackendKind::Exact);
+        assert_eq!((index.n_examples(), index.n_spans(), index.n_labels()), (3, 4, 3));
+        assert_eq!(index.labels().collect::<Vec<_>>(), ["from_city", "to_city", "O"]);
+        assert_eq!(index.params(), &HnswParams { m: 8, ef_construction: 32, ef_search: 16, seed: 7 });
+        let s = index.span(1);
+        assert_eq!((index.label(s.label), s.start, s.end, s.text.as_str(), s.example), ("to_city", 19, 25, "denver", ExampleId(0)));
+        assert_eq!(index.example(ExampleId(2)).text, "what is the weather");
+        assert_eq!(index.example(ExampleId(2)).intent, None);
+        assert_eq!(index.example(ExampleId(1)).intent.as_deref(), Some("book_flight"));
+        let hits = index.search_spans(&[0.0, 1.0, 0.0, 0.0], 2);
+        assert_eq!(hits.iter().map(|h| h.id).collect::<Vec<_>>(), vec![0, 2]);
+        assert!((hits[0].similarity - 1.0).abs() < 1e-6);
+        assert_eq!(index.search_utterances(&[0.0, 0.0, 0.0, 1.0], 1)[0].id, 2);
+    }
+
+    /// This build still writes exactly v1: if this fails, the format changed. Bump
+    /// `CURRENT_VERSION`, keep `index_v1.nsi` and add an `index_v2.nsi`.
+    #[test]
+    fn writer_still_produces_v1_bytes() {
+        let committed = std::fs::read(data_path()).unwrap();
+        assert_eq!(fixture().to_bytes().unwrap(), committed);
+        assert!(committed.len() < 4096, "fixture is {} bytes", committed.len());
+    }
+}
