@@ -40,6 +40,9 @@ pub enum Command {
     /// Run the benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve the labeler over HTTP, with a web playground at /.
+    #[cfg(feature = "server")]
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -163,6 +166,9 @@ pub struct QuerySettings {
     /// Similarity below which a span is never a slot.
     #[arg(long, default_value_t = QueryConfig::default().threshold)]
     pub threshold: f32,
+    /// A span is a slot when its slot similarity plus this margin beats its non-slot similarity.
+    #[arg(long, default_value_t = QueryConfig::default().o_margin, allow_negative_numbers = true)]
+    pub o_margin: f32,
     /// greedy or best-average.
     #[arg(long, default_value = "greedy")]
     pub decoder: Strategy,
@@ -194,6 +200,7 @@ impl QuerySettings {
         Ok(QueryConfig {
             k: self.k,
             threshold: self.threshold,
+            o_margin: self.o_margin,
             strategy: self.decoder,
             intent_k: self.intent_k,
             intent_aggregation: self.intent_aggregation,
@@ -262,6 +269,15 @@ pub struct EvalArgs {
 pub enum BenchCommand {
     /// Few-shot slot filling on SNIPS episodes (Hou et al. 2020): 7 folds, per-episode F1.
     Fewshot(crate::bench::fewshot::FewshotArgs),
+    /// End-to-end query latency and throughput.
+    Query(crate::bench::query::QueryBenchArgs),
+    /// Intent accuracy and out-of-scope recall on CLINC150.
+    Clinc(crate::bench::clinc::ClincArgs),
+    /// Encoder throughput and latency, side by side with the PyTorch peer.
+    Encoder(crate::bench::encoder::EncoderBenchArgs),
+    /// Load test of a `nearspan serve` on loopback: latency percentiles and throughput.
+    #[cfg(feature = "server")]
+    ServeLoad(crate::serve::loadtest::LoadArgs),
 }
 
 /// Runs one parsed command, writing its output to `out`.
@@ -273,6 +289,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Query(a) => query(a, out),
         Command::Eval(a) => eval(a, out),
         Command::Bench(BenchCommand::Fewshot(a)) => crate::bench::fewshot::run(a, out),
+        Command::Bench(BenchCommand::Query(a)) => crate::bench::query::run(a, out),
+        Command::Bench(BenchCommand::Clinc(a)) => crate::bench::clinc::run(a, out),
+        Command::Bench(BenchCommand::Encoder(a)) => crate::bench::encoder::run(a, out),
+        #[cfg(feature = "server")]
+        Command::Bench(BenchCommand::ServeLoad(a)) => crate::serve::loadtest::run(a, out),
+        #[cfg(feature = "server")]
+        Command::Serve(a) => crate::serve::run(a, out),
     }
 }
 
@@ -299,7 +322,7 @@ fn data_stats(path: &Path, format: Option<Format>, out: &mut dyn Write) -> Resul
 }
 
 /// Loads the examples of one split of any dataset (`preferred` when several).
-fn load_examples(path: &Path, split: Option<&str>, preferred: &str) -> Result<Vec<Example>> {
+pub(crate) fn load_examples(path: &Path, split: Option<&str>, preferred: &str) -> Result<Vec<Example>> {
     let dataset = data::load(path, None)?;
     let names: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
     let chosen = match split {
@@ -351,12 +374,12 @@ fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn build_config(index: &SpanIndex) -> Result<BuildConfig> {
+pub(crate) fn build_config(index: &SpanIndex) -> Result<BuildConfig> {
     labeler::build_config_of(index, index.label_id(labeler::O_LABEL).is_some()).map_err(anyhow::Error::msg)
 }
 
 /// Opens an index and checks it was built by `encoder` (not just any encoder of that dimension).
-fn open_index(path: &Path, encoder: &Encoder) -> Result<SpanIndex> {
+pub(crate) fn open_index(path: &Path, encoder: &Encoder) -> Result<SpanIndex> {
     let stored = SpanIndex::open(path, None)?;
     let cfg = build_config(&stored)?;
     let expected = labeler::encoder_info(encoder, &cfg);

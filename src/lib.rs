@@ -14,3 +14,5 @@ pub mod decode;
 pub mod labeler;
 pub mod cli;
 pub mod bench;
+#[cfg(feature = "server")]
+pub mod serve;

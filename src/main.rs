@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("nearspan: {err:#}");
+            eprintln!("nearspan: {}", describe(&err));
             ExitCode::from(2)
         }
     }
@@ -24,4 +24,21 @@ fn main() -> ExitCode {
 /// `nearspan query ... | head` closing the pipe early is not an error.
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// The error and its causes, joined by ": ", skipping a cause whose text the message
+/// already contains (library errors often quote their source in their own message).
+fn describe(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }

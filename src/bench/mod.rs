@@ -4,6 +4,7 @@
 pub mod clinc;
 pub mod encoder;
 pub mod fewshot;
+pub mod query;
 
 use std::path::Path;
 

@@ -48,8 +48,8 @@ pub fn detect_format(path: &Path) -> Result<Format, DataError> {
         }
         return Err(unknown("a folder without seq.in, train/seq.in or train.txt"));
     }
-    if !path.exists() {
-        return Err(DataError::io(path, std::io::ErrorKind::NotFound.into()));
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(DataError::io(path, e));
     }
     match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("jsonl") => Ok(Format::Jsonl),

@@ -42,6 +42,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>, DataError> {
     Ok(read_numbered(path)?.into_iter().map(|(_, e)| e).collect())
 }
 
+/// Parses one example (one line of the format above) with the same validation as
+/// [`read_jsonl`]; errors name `source` in place of a file, at line 1. The HTTP server
+/// reads the examples of a request with it.
+pub fn parse_example(source: &Path, json: &str) -> Result<Example, DataError> {
+    parse_line(source, 1, json)
+}
+
 /// Like [`read_jsonl`], with each example's 1-based line, for errors that compare files.
 pub(crate) fn read_numbered(path: &Path) -> Result<Vec<(usize, Example)>, DataError> {
     let mut out = Vec::new();

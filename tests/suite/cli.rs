@@ -1,0 +1,356 @@
+//! The `nearspan` binary as a user meets it: the index/query/eval workflow on the
+//! smart-home examples, and bad input (exit code 2, the file and line on stderr,
+//! nothing on stdout).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::common::{model_dir, shared};
+
+fn example_file(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).join(name)
+}
+
+fn smarthome() -> PathBuf {
+    example_file("smarthome.jsonl")
+}
+
+/// The default model as an absolute path (the binary runs in a temporary folder).
+fn model() -> PathBuf {
+    std::fs::canonicalize(model_dir()).expect("canonical model folder")
+}
+
+/// Runs the binary in `dir` with the default model.
+fn run_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nearspan"))
+        .args(args)
+        .current_dir(dir)
+        .env("NEARSPAN_MODEL", model())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the nearspan binary")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = run_in(dir, args);
+    assert!(o.status.success(), "nearspan {args:?} failed ({:?}): {}", o.status, stderr(&o));
+    stdout(&o)
+}
+
+/// Asserts exit code 2, nothing on stdout, and a stderr naming every one of `parts`.
+fn fails(dir: &Path, args: &[&str], parts: &[&str]) -> String {
+    let o = run_in(dir, args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "nearspan {args:?}: expected exit code 2, got {:?}; stderr: {err}", o.status);
+    assert!(o.stdout.is_empty(), "nearspan {args:?}: printed to stdout on error: {:?}", stdout(&o));
+    for part in parts {
+        assert!(err.contains(part), "nearspan {args:?}: stderr {err:?} lacks {part:?}");
+    }
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn n_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).unwrap().lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+/// `index build` of the smart-home examples into `dir/x.nsi`.
+fn build_index(dir: &Path) -> PathBuf {
+    let out = dir.join("x.nsi");
+    let printed = ok(dir, &["index", "build", "--examples", s(&smarthome()), "--out", s(&out)]);
+    assert!(printed.contains("x.nsi"), "build output {printed:?}");
+    assert!(out.is_file());
+    out
+}
+
+fn info(dir: &Path, index: &Path) -> Value {
+    json(&ok(dir, &["index", "info", "--index", s(index)]))
+}
+
+#[test]
+fn build_info_query_and_add() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let index = build_index(d);
+
+    let i = info(d, &index);
+    let n = n_lines(&smarthome()) as u64;
+    assert_eq!(i["examples"], n, "{i}");
+    assert_eq!(i["format_version"], 1, "{i}");
+    assert!(i["spans"].as_u64().unwrap() > n, "{i}");
+    let labels: Vec<&str> = i["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    for l in ["device", "room", "artist", "city", "O"] {
+        assert!(labels.contains(&l), "label {l} missing from {labels:?}");
+    }
+
+    // --json: one parseable line per text.
+    let texts = ["turn on the kitchen lights", "what's the weather in Paris tomorrow"];
+    let out = ok(d, &["query", "--index", s(&index), "--json", texts[0], texts[1]]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), texts.len(), "{out}");
+    let preds: Vec<Value> = lines.iter().map(|l| json(l)).collect();
+    for (p, t) in preds.iter().zip(texts) {
+        assert_eq!(p["text"], t);
+        assert!(p["intent"]["label"].is_string(), "{p}");
+    }
+    let slots = preds[0]["slots"].as_array().unwrap();
+    assert!(
+        slots.iter().any(|s| s["label"] == "device" && s["text"] == "lights"),
+        "no device slot \"lights\" in {}",
+        preds[0]
+    );
+    assert_eq!(preds[0]["intent"]["label"], "turn_on", "{}", preds[0]);
+
+    // The table marks the slots in the text.
+    let table = ok(d, &["query", "--index", s(&index), texts[0]]);
+    assert!(table.contains("[lights](device)"), "{table}");
+    assert!(table.contains("turn_on"), "{table}");
+
+    // --format examples writes nearspan JSONL that reads back.
+    let out = ok(d, &["query", "--index", s(&index), "--format", "examples", texts[0], texts[1]]);
+    let path = d.join("predicted.jsonl");
+    std::fs::write(&path, &out).unwrap();
+    let back = nearspan::data::read_jsonl(&path)
+        .unwrap_or_else(|e| panic!("--format examples output does not re-read: {e}\n{out}"));
+    assert_eq!(back.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(), texts);
+    assert!(back[0].spans.iter().any(|sp| sp.label == "device" && back[0].span_text(sp) == "lights"), "{out}");
+    assert_eq!(back[0].intent.as_deref(), Some("turn_on"));
+
+    // index add: only the new examples are added; the file grows in place.
+    let more = d.join("more.jsonl");
+    std::fs::write(
+        &more,
+        concat!(
+            r#"{"text": "play some songs by Norah Jones", "intent": "play_music", "spans": [{"start": 19, "end": 30, "label": "artist"}]}"#,
+            "\n\n",
+            r#"{"text": "open the garage door", "intent": "open", "spans": [{"start": 9, "end": 20, "label": "device"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let out = ok(d, &["index", "add", "--index", s(&index), "--examples", s(&more)]);
+    assert!(out.contains("added 2 examples"), "{out}");
+    let after = info(d, &index);
+    assert_eq!(after["examples"], n + 2, "{after}");
+    assert!(after["spans"].as_u64() > i["spans"].as_u64(), "{after}");
+    // The added intent is now answerable.
+    let out = ok(d, &["query", "--index", s(&index), "--json", "open the garage door"]);
+    assert_eq!(json(out.trim())["intent"]["label"], "open", "{out}");
+}
+
+#[test]
+fn eval_scores_an_index_and_prediction_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let index = build_index(d);
+    // Indexed examples label themselves.
+    let report = json(&ok(d, &["eval", "--index", s(&index), "--data", s(&smarthome())]));
+    assert_eq!(report["examples"], n_lines(&smarthome()) as u64, "{report}");
+    let f1 = report["micro"]["f1"].as_f64().unwrap();
+    assert!(f1 > 0.9 && f1 <= 1.0, "micro F1 {f1} on the indexed data: {report}");
+    assert!(report["intent_accuracy"].as_f64().unwrap() > 0.9, "{report}");
+
+    // Hand-computed: gold has 3 slots; predicted 4, of which 2 match.
+    // P = 2/4, R = 2/3, F1 = 2PR/(P+R) = 4/7; intents 1 of 2 right; frames 1 of 2.
+    let gold = d.join("gold.jsonl");
+    let pred = d.join("pred.jsonl");
+    std::fs::write(
+        &gold,
+        concat!(
+            r#"{"text": "play the beatles now", "intent": "play", "spans": [{"start": 5, "end": 16, "label": "artist"}]}"#,
+            "\n",
+            r#"{"text": "weather in paris today", "intent": "weather", "spans": [{"start": 11, "end": 16, "label": "city"}, {"start": 17, "end": 22, "label": "date"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &pred,
+        concat!(
+            r#"{"text": "play the beatles now", "intent": "play", "spans": [{"start": 5, "end": 16, "label": "artist"}]}"#,
+            "\n",
+            r#"{"text": "weather in paris today", "intent": "other", "spans": [{"start": 0, "end": 7, "label": "city"}, {"start": 8, "end": 10, "label": "x"}, {"start": 11, "end": 16, "label": "city"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let r = json(&ok(d, &["eval", "--gold", s(&gold), "--pred", s(&pred)]));
+    let close = |v: &Value, x: f64| (v.as_f64().unwrap() - x).abs() < 1e-9;
+    assert!(close(&r["micro"]["precision"], 0.5), "{r}");
+    assert!(close(&r["micro"]["recall"], 2.0 / 3.0), "{r}");
+    assert!(close(&r["micro"]["f1"], 4.0 / 7.0), "{r}");
+    assert_eq!(
+        (&r["counts"]["tp"], &r["counts"]["fp"], &r["counts"]["fn"]),
+        (&Value::from(2), &Value::from(2), &Value::from(1)),
+        "{r}"
+    );
+    assert!(close(&r["intent_accuracy"], 0.5) && close(&r["frame_accuracy"], 0.5), "{r}");
+}
+
+#[test]
+fn bad_examples_are_reported_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bad = d.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        concat!(
+            r#"{"text": "turn on the lamp", "intent": "turn_on", "spans": [{"start": 12, "end": 16, "label": "device"}]}"#,
+            "\n",
+            r#"{"text": "turn off the fan", "intent": "turn_off", "spans": [{"start": 13, "end": 17, "label": "device"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let out = d.join("bad.nsi");
+    fails(d, &["index", "build", "--examples", s(&bad), "--out", s(&out)], &["bad.jsonl", "line 2"]);
+    assert!(!out.exists(), "a failed build wrote {}", out.display());
+
+    // Not JSON at all on line 2.
+    std::fs::write(&bad, "{\"text\": \"turn on the lamp\"}\n{\"text\": \"oops\",\n").unwrap();
+    fails(d, &["index", "build", "--examples", s(&bad), "--out", s(&out)], &["bad.jsonl", "line 2"]);
+
+    let missing = d.join("missing.jsonl");
+    fails(d, &["index", "build", "--examples", s(&missing), "--out", s(&out)], &["missing.jsonl"]);
+    assert!(!out.exists());
+}
+
+#[test]
+fn invalid_settings_fail_before_the_model_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("x.nsi");
+    // With no model to load, only an argument error can be the answer.
+    let o = Command::new(env!("CARGO_BIN_EXE_nearspan"))
+        .args(["index", "build", "--examples", s(&smarthome()), "--out", s(&out), "--max-width", "0"])
+        .env("NEARSPAN_MODEL", d.join("no-model-here"))
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(o.stdout.is_empty());
+    assert!(err.contains("--max-width") && err.contains('0'), "{err}");
+    assert!(
+        !err.contains("no-model-here") && !err.to_lowercase().contains("model"),
+        "the model was loaded first: {err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn damaged_and_foreign_index_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let index = build_index(d);
+    let mut bytes = std::fs::read(&index).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let corrupt = d.join("corrupt.nsi");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    fails(d, &["index", "info", "--index", s(&corrupt)], &["corrupt.nsi", "checksum"]);
+    fails(d, &["query", "--index", s(&corrupt), "turn on the lights"], &["corrupt.nsi", "checksum"]);
+    fails(d, &["index", "add", "--index", s(&corrupt), "--examples", s(&smarthome())], &["corrupt.nsi", "checksum"]);
+    assert_eq!(std::fs::read(&corrupt).unwrap(), bytes, "a refused index was rewritten");
+
+    let foreign = d.join("notes.txt");
+    std::fs::write(&foreign, "these are not the vectors you are looking for\n").unwrap();
+    fails(d, &["query", "--index", s(&foreign), "turn on the lights"], &["notes.txt", "not a nearspan index"]);
+    fails(
+        d,
+        &["query", "--index", s(&smarthome()), "turn on the lights"],
+        &["smarthome.jsonl", "not a nearspan index"],
+    );
+    fails(d, &["query", "--index", s(&d.join("absent.nsi")), "turn on the lights"], &["absent.nsi"]);
+}
+
+#[test]
+fn data_stats_reads_snips_and_names_a_malformed_line() {
+    let d = tempfile::tempdir().unwrap();
+    let stats = json(&ok(d.path(), &["data", "stats", s(&shared("snips"))]));
+    assert_eq!(stats["format"], "jointbert", "{stats}");
+    let counts: Vec<(&str, u64)> = stats["splits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sp| (sp["name"].as_str().unwrap(), sp["examples"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(counts, [("train", 13084), ("dev", 700), ("test", 700)]);
+
+    let split = d.path().join("train");
+    std::fs::create_dir(&split).unwrap();
+    std::fs::write(split.join("seq.in"), "play the beatles\nbook a table for two\nwhat is the weather\n").unwrap();
+    std::fs::write(split.join("seq.out"), "O B-artist I-artist\nO O O B-count\nO O O O\n").unwrap();
+    std::fs::write(split.join("label"), "PlayMusic\nBookRestaurant\nGetWeather\n").unwrap();
+    fails(d.path(), &["data", "stats", s(d.path())], &["seq.out", "line 2", "tag count"]);
+}
+
+#[test]
+fn help_exits_zero_for_every_command() {
+    let d = tempfile::tempdir().unwrap();
+    let commands: &[&[&str]] = &[
+        &[],
+        &["encode"],
+        &["data"],
+        &["data", "stats"],
+        &["index"],
+        &["index", "build"],
+        &["index", "add"],
+        &["index", "info"],
+        &["query"],
+        &["eval"],
+        &["bench"],
+        &["bench", "fewshot"],
+        &["bench", "encoder"],
+    ];
+    for cmd in commands {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let out = ok(d.path(), &args);
+        assert!(out.contains("Usage:"), "nearspan {args:?}: {out}");
+    }
+    // A subcommand's help describes its own options.
+    assert!(ok(d.path(), &["index", "build", "--help"]).contains("--max-width"));
+    assert!(ok(d.path(), &["query", "--help"]).contains("--decoder"));
+}
+
+/// Regression: library errors that quote their source were printed with the source
+/// repeated (`absent.nsi: No such file or directory (os error 2): No such file or
+/// directory (os error 2)`), and a missing examples file said "entity not found".
+#[test]
+fn error_messages_state_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let split = d.join("train");
+    std::fs::create_dir(&split).unwrap();
+    std::fs::write(split.join("seq.in"), "play the beatles\nbook a table for two\n").unwrap();
+    std::fs::write(split.join("seq.out"), "O B-artist I-artist\nO O O B-count\n").unwrap();
+    std::fs::write(split.join("label"), "PlayMusic\nBookRestaurant\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["index".into(), "info".into(), "--index".into(), s(&d.join("absent.nsi")).into()], "No such file"),
+        (vec!["data".into(), "stats".into(), s(&d.join("absent.jsonl")).into()], "No such file"),
+        (vec!["data".into(), "stats".into(), s(d).into()], "tag count"),
+    ];
+    for (args, cause) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = fails(d, &args, &[cause]);
+        assert_eq!(err.matches(cause).count(), 1, "nearspan {args:?}: cause repeated: {err:?}");
+    }
+}
