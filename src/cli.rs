@@ -95,8 +95,8 @@ pub struct BuildArgs {
     /// Maximum span width in words.
     #[arg(long, default_value_t = crate::spans::DEFAULT_MAX_WIDTH, value_parser = clap::value_parser!(u32).range(1..=64).map(|v| v as usize))]
     pub max_width: usize,
-    /// Span pooling: mean or start-end.
-    #[arg(long, default_value = "mean")]
+    /// Span pooling: start-end (first ⊕ last sub-token) or mean.
+    #[arg(long, default_value = "start-end")]
     pub pooling: SpanPooling,
     /// Do not index non-slot spans; a threshold alone then decides what is a slot.
     #[arg(long)]

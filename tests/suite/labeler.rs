@@ -331,10 +331,14 @@ fn saved_index_gives_the_same_predictions_and_refuses_another_encoder() {
     let after = label(&opened, &texts, &cfg);
     assert_eq!(after, before, "predictions changed after a save/open round trip");
 
-    let start_end = BuildConfig { pooling: SpanPooling::StartEnd, ..build };
-    match SpanIndex::open(&path, Some(&labeler::encoder_info(encoder(), &start_end))) {
+    let other_pooling = match build.pooling {
+        SpanPooling::Mean => SpanPooling::StartEnd,
+        SpanPooling::StartEnd => SpanPooling::Mean,
+    };
+    let other = BuildConfig { pooling: other_pooling, ..build };
+    match SpanIndex::open(&path, Some(&labeler::encoder_info(encoder(), &other))) {
         Err(IndexError::EncoderMismatch { .. }) => {}
-        other => panic!("opening a mean-pooled index as start-end: expected EncoderMismatch, got {other:?}"),
+        other => panic!("opening an index with another pooling: expected EncoderMismatch, got {other:?}"),
     }
     let wider = BuildConfig { max_width: build.max_width + 1, ..build };
     assert!(matches!(
