@@ -103,7 +103,7 @@ impl Default for QueryConfig {
     fn default() -> Self {
         Self {
             k: 10,
-            threshold: 0.4,
+            threshold: 0.3,
             o_margin: 0.0,
             strategy: Strategy::Greedy,
             intent_k: 10,

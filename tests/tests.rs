@@ -10,3 +10,10 @@ mod train;
 mod data;
 #[path = "suite/eval.rs"]
 mod eval;
+#[path = "suite/labeler.rs"]
+mod labeler;
+#[path = "suite/cli.rs"]
+mod cli;
+#[cfg(feature = "server")]
+#[path = "suite/serve.rs"]
+mod serve;

@@ -45,6 +45,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>, DataError> {
 /// Parses one example (one line of the format above) with the same validation as
 /// [`read_jsonl`]; errors name `source` in place of a file, at line 1. The HTTP server
 /// reads the examples of a request with it.
+#[cfg_attr(not(feature = "server"), allow(dead_code))] // `data::jsonl` is crate-private
 pub fn parse_example(source: &Path, json: &str) -> Result<Example, DataError> {
     parse_line(source, 1, json)
 }
