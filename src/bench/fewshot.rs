@@ -70,10 +70,11 @@ struct EncodingCache<'a> {
 
 impl EncodingCache<'_> {
     fn fill(&mut self, episodes: &[Episode]) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
         let mut todo: Vec<&str> = Vec::new();
         for ep in episodes {
             for ex in ep.support.iter().chain(&ep.query) {
-                if !self.map.contains_key(&ex.text) && !todo.contains(&ex.text.as_str()) {
+                if !self.map.contains_key(&ex.text) && seen.insert(ex.text.as_str()) {
                     todo.push(&ex.text);
                 }
             }
