@@ -357,10 +357,11 @@ fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {
         }
         IndexCommand::Info { index: path } => {
             let index = SpanIndex::open(&path, None)?;
+            let version = nearspan_index::file_format_version(&path)?;
             let e = index.encoder();
             let info = serde_json::json!({
                 "path": path,
-                "format_version": nearspan_index::CURRENT_VERSION,
+                "format_version": version,
                 "examples": index.n_examples(),
                 "spans": index.n_spans(),
                 "labels": index.labels().collect::<Vec<_>>(),

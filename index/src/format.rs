@@ -333,3 +333,25 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
+
+/// The format version written in the header of the index file at `path`, read without
+/// loading the rest (for `nearspan index info`, which reports the file's own version).
+pub fn file_format_version(path: &Path) -> Result<u16, IndexError> {
+    use std::io::Read;
+    let mut head = [0u8; 10];
+    let mut file = std::fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..]).map_err(|e| IndexError::io(path, e))? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    if filled < MAGIC.len() || &head[..MAGIC.len()] != MAGIC {
+        return Err(IndexError::NotAnIndex { path: path.to_path_buf() });
+    }
+    if filled < head.len() {
+        return Err(IndexError::Corrupt { path: path.to_path_buf(), detail: format!("truncated: {filled} bytes") });
+    }
+    Ok(u16_at(&head, 8))
+}

@@ -56,7 +56,7 @@ mod format;
 mod index;
 
 pub use error::IndexError;
-pub use format::{CURRENT_VERSION, OLDEST_SUPPORTED_VERSION};
+pub use format::{file_format_version, CURRENT_VERSION, OLDEST_SUPPORTED_VERSION};
 pub use index::{SpanIndex, AUTO_EXACT_THRESHOLD};
 
 use serde::{Deserialize, Serialize};

@@ -533,6 +533,19 @@ mod compat {
         fixture().save(&data_path()).unwrap();
     }
 
+    /// The header's version is readable on its own, and a non-index file is refused.
+    #[test]
+    fn file_format_version_reads_the_header() {
+        assert_eq!(file_format_version(&data_path()).unwrap(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("notes.txt");
+        std::fs::write(&other, "hello, not an index").unwrap();
+        assert!(matches!(file_format_version(&other), Err(IndexError::NotAnIndex { .. })));
+        let short = dir.path().join("short.nsi");
+        std::fs::write(&short, b"NSPANIDX\x01").unwrap();
+        assert!(matches!(file_format_version(&short), Err(IndexError::Corrupt { .. })));
+    }
+
     /// Format v1 stays readable forever.
     #[test]
     fn compat_v1() {
