@@ -95,7 +95,7 @@ pub struct BuildArgs {
     /// Maximum span width in words.
     #[arg(long, default_value_t = crate::spans::DEFAULT_MAX_WIDTH, value_parser = clap::value_parser!(u32).range(1..=64).map(|v| v as usize))]
     pub max_width: usize,
-    /// Span pooling: start-end (first ⊕ last sub-token) or mean.
+    /// Span pooling: start-end (first ⊕ last sub-token), mean, or start-end-mean.
     #[arg(long, default_value = "start-end")]
     pub pooling: SpanPooling,
     /// Do not index non-slot spans; a threshold alone then decides what is a slot.

@@ -11,6 +11,8 @@ pub enum SpanPooling {
     /// First sub-token vector ⊕ last sub-token vector (dimension = 2 × hidden size),
     /// as in the Retriever paper's code.
     StartEnd,
+    /// First ⊕ last ⊕ mean of the span's sub-token vectors (dimension = 3 × hidden size).
+    StartEndMean,
 }
 
 impl SpanPooling {
@@ -18,6 +20,7 @@ impl SpanPooling {
         match self {
             SpanPooling::Mean => hidden,
             SpanPooling::StartEnd => 2 * hidden,
+            SpanPooling::StartEndMean => 3 * hidden,
         }
     }
 
@@ -25,6 +28,7 @@ impl SpanPooling {
         match self {
             SpanPooling::Mean => "mean",
             SpanPooling::StartEnd => "start-end",
+            SpanPooling::StartEndMean => "start-end-mean",
         }
     }
 }
@@ -35,7 +39,8 @@ impl std::str::FromStr for SpanPooling {
         match s {
             "mean" => Ok(SpanPooling::Mean),
             "start-end" => Ok(SpanPooling::StartEnd),
-            other => Err(format!("unknown pooling {other:?}; expected \"mean\" or \"start-end\"")),
+            "start-end-mean" => Ok(SpanPooling::StartEndMean),
+            other => Err(format!("unknown pooling {other:?}; expected \"start-end\", \"mean\" or \"start-end-mean\"")),
         }
     }
 }
@@ -64,6 +69,12 @@ pub fn span_vector_into(hidden: &[f32], dim: usize, tokens: Range<usize>, poolin
             let (first, last) = (tokens.start, tokens.end - 1);
             out[..dim].copy_from_slice(&hidden[first * dim..(first + 1) * dim]);
             out[dim..].copy_from_slice(&hidden[last * dim..(last + 1) * dim]);
+        }
+        SpanPooling::StartEndMean => {
+            let (first, last) = (tokens.start, tokens.end - 1);
+            out[..dim].copy_from_slice(&hidden[first * dim..(first + 1) * dim]);
+            out[dim..2 * dim].copy_from_slice(&hidden[last * dim..(last + 1) * dim]);
+            mean_rows_into(hidden, dim, tokens, &mut out[2 * dim..]);
         }
     }
     normalize(out);
@@ -112,6 +123,19 @@ mod tests {
         let n = (1.0f32 + 4.0).sqrt();
         let want = [1.0 / n, 0.0, 0.0, 2.0 / n];
         assert!(out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{out:?}");
+    }
+
+    #[test]
+    fn start_end_mean_appends_the_mean() {
+        let hidden = [1.0, 0.0, 3.0, 4.0, 0.0, 2.0];
+        let mut out = [0.0; 6];
+        span_vector_into(&hidden, 2, 0..3, SpanPooling::StartEndMean, &mut out);
+        // (1,0) ⊕ (0,2) ⊕ mean (4/3, 2) → normalized.
+        let raw = [1.0f32, 0.0, 0.0, 2.0, 4.0 / 3.0, 2.0];
+        let n = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(out.iter().zip(raw).all(|(a, b)| (a - b / n).abs() < 1e-6), "{out:?}");
+        assert_eq!(SpanPooling::StartEndMean.dim(2), 6);
+        assert_eq!("start-end-mean".parse::<SpanPooling>(), Ok(SpanPooling::StartEndMean));
     }
 
     #[test]
