@@ -401,14 +401,17 @@ fn span_neighbour(index: &SpanIndex, id: u32, similarity: f32) -> Neighbour {
     }
 }
 
-fn decide_intent(index: &SpanIndex, r: &Retrieved, cfg: &QueryConfig) -> Option<IntentPrediction> {
+/// The best intent among utterance neighbours `(example id, similarity)` and its score:
+/// the best similarity of its neighbours (`Max`) or their mean (`Mean`). Ties go to the
+/// intent met first; neighbours without an intent are skipped.
+pub fn best_intent<'a>(index: &'a SpanIndex, neighbours: &[(u32, f32)], aggregation: IntentAggregation) -> Option<(&'a str, f32)> {
     let mut per_intent: Vec<(&str, f32, usize)> = Vec::new(); // (intent, score, count)
-    for &(id, sim) in &r.utterances {
+    for &(id, sim) in neighbours {
         let Some(intent) = index.example(ExampleId(id)).intent.as_deref() else { continue };
         match per_intent.iter_mut().find(|(i, _, _)| *i == intent) {
             Some(entry) => {
                 entry.2 += 1;
-                match cfg.intent_aggregation {
+                match aggregation {
                     IntentAggregation::Max => entry.1 = entry.1.max(sim),
                     IntentAggregation::Mean => entry.1 += sim,
                 }
@@ -416,10 +419,17 @@ fn decide_intent(index: &SpanIndex, r: &Retrieved, cfg: &QueryConfig) -> Option<
             None => per_intent.push((intent, sim, 1)),
         }
     }
-    if cfg.intent_aggregation == IntentAggregation::Mean {
+    if aggregation == IntentAggregation::Mean {
         per_intent.iter_mut().for_each(|e| e.1 /= e.2 as f32);
     }
-    let &(intent, score, _) = per_intent.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+    per_intent.into_iter().fold(None, |best, (intent, score, _)| match best {
+        Some((_, top)) if top >= score => best,
+        _ => Some((intent, score)),
+    })
+}
+
+fn decide_intent(index: &SpanIndex, r: &Retrieved, cfg: &QueryConfig) -> Option<IntentPrediction> {
+    let (intent, score) = best_intent(index, &r.utterances, cfg.intent_aggregation)?;
     let label = match cfg.oos_threshold {
         Some(t) if score < t => OUT_OF_SCOPE,
         _ => intent,
@@ -466,4 +476,35 @@ pub fn label_texts(
 ) -> Result<Vec<Prediction>, LabelerError> {
     let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
     label_examples(encoder, index, &examples, build, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nearspan_index::{BackendKind, HnswParams};
+
+    fn toy_index(intents: &[Option<&str>]) -> SpanIndex {
+        let info = EncoderInfo { model_id: "toy".into(), revision: "0".into(), pooling: "mean".into(), max_width: 1, dim: 2 };
+        let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
+        for (i, intent) in intents.iter().enumerate() {
+            index.add_example(&format!("example {i}"), *intent, &[1.0, 0.0], &[]).unwrap();
+        }
+        index
+    }
+
+    #[test]
+    fn best_intent_aggregates_by_max_or_mean() {
+        let index = toy_index(&[Some("a"), Some("b"), Some("a"), None]);
+        // a: 0.9 and 0.5; b: 0.8; the intent-less example is skipped.
+        let hits = [(0, 0.9), (1, 0.8), (2, 0.5), (3, 0.95)];
+        assert_eq!(best_intent(&index, &hits, IntentAggregation::Max), Some(("a", 0.9)));
+        assert_eq!(best_intent(&index, &hits, IntentAggregation::Mean), Some(("b", 0.8)));
+        assert_eq!(best_intent(&index, &hits[3..], IntentAggregation::Max), None);
+    }
+
+    #[test]
+    fn best_intent_ties_go_to_the_first_met() {
+        let index = toy_index(&[Some("b"), Some("a")]);
+        assert_eq!(best_intent(&index, &[(0, 0.7), (1, 0.7)], IntentAggregation::Max), Some(("b", 0.7)));
+    }
 }

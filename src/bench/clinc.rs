@@ -3,13 +3,13 @@
 //! threshold. Aggregation (max / mean over the k neighbours), k and the threshold are
 //! chosen on the validation split (in-scope `val` + `oos_val`), never on test.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use nearspan_index::{BackendKind, ExampleId, HnswParams, SpanIndex};
+use nearspan_index::{BackendKind, HnswParams, SpanIndex};
 
 use crate::cli::ModelArg;
 use crate::data::{self, Example};
@@ -67,21 +67,7 @@ fn retrieve(index: &SpanIndex, encoded: &[EncodedText], k: usize) -> Neighbours 
 
 /// Predicted intent (or `oos`) from the first `k` neighbours.
 fn predict<'a>(index: &'a SpanIndex, hits: &[(u32, f32)], k: usize, agg: IntentAggregation, threshold: f32) -> &'a str {
-    let mut per: HashMap<&str, (f32, usize)> = HashMap::new();
-    for &(id, sim) in hits.iter().take(k) {
-        let intent = index.example(ExampleId(id)).intent.as_deref().unwrap_or(OUT_OF_SCOPE);
-        let e = per.entry(intent).or_insert((f32::NEG_INFINITY, 0));
-        match agg {
-            IntentAggregation::Max => e.0 = e.0.max(sim),
-            IntentAggregation::Mean => e.0 = if e.1 == 0 { sim } else { e.0 + sim },
-        }
-        e.1 += 1;
-    }
-    let best = per
-        .into_iter()
-        .map(|(i, (s, n))| (i, if agg == IntentAggregation::Mean { s / n as f32 } else { s }))
-        .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(a.0)));
-    match best {
+    match labeler::best_intent(index, &hits[..k.min(hits.len())], agg) {
         Some((intent, score)) if score >= threshold => intent,
         _ => OUT_OF_SCOPE,
     }
