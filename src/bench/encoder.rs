@@ -76,7 +76,7 @@ pub fn run(a: EncoderBenchArgs, out: &mut dyn Write) -> Result<()> {
         bail!("--seconds must be a positive number, got {}", a.seconds);
     }
     let command = command_line();
-    let load_at_start = loadavg_1min();
+    let load_at_start = super::loadavg_1min();
     pin_candle_threads(a.threads);
 
     let texts_path = match &a.texts {
@@ -96,7 +96,7 @@ pub fn run(a: EncoderBenchArgs, out: &mut dyn Write) -> Result<()> {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut results = Vec::new();
     for &batch in &a.batch {
-        let load = loadavg_1min();
+        let load = super::loadavg_1min();
         let cpu = CpuSample::now();
         let ours = pool.install(|| measure(&encoder, &refs, batch, a.warmup, a.seconds))?;
         let mut ours = ours.to_json(a.threads, batch);
@@ -104,7 +104,7 @@ pub fn run(a: EncoderBenchArgs, out: &mut dyn Write) -> Result<()> {
         ours["other_processes_cores_busy"] = json!(cpu.and_then(|c| c.others_busy()));
         let mut row = json!({ "batch": batch, "nearspan": ours });
         if let Some(peer) = &peer {
-            let load = loadavg_1min();
+            let load = super::loadavg_1min();
             let cpu = CpuSample::now();
             let mut theirs = peer.measure(batch)?;
             theirs["loadavg_before"] = json!(load);
@@ -122,7 +122,7 @@ pub fn run(a: EncoderBenchArgs, out: &mut dyn Write) -> Result<()> {
             "cpu": cpu_model(),
             "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
             "loadavg_before": load_at_start,
-            "loadavg_after": loadavg_1min(),
+            "loadavg_after": super::loadavg_1min(),
         },
         "threads": a.threads,
         "thread_check": threads,
@@ -195,8 +195,8 @@ impl Measurement {
             "seconds": round(self.seconds, 4),
             "sentences_per_s": round(self.sentences as f64 / self.seconds, 2),
             "tokens_per_s": round(self.tokens as f64 / self.seconds, 1),
-            "latency_ms_p50": round(percentile(&lat, 50.0), 3),
-            "latency_ms_p99": round(percentile(&lat, 99.0), 3),
+            "latency_ms_p50": round(super::percentile(&lat, 50.0), 3),
+            "latency_ms_p99": round(super::percentile(&lat, 99.0), 3),
             "forward_sentences_per_s": round(self.sentences as f64 / self.forward_seconds, 2),
             "batches": lat.len(),
         })
@@ -331,16 +331,6 @@ fn ratio(num: Option<f64>, den: Option<f64>) -> Value {
     }
 }
 
-/// Linear-interpolation percentile of sorted values (numpy's default, as the peer uses).
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = q / 100.0 * (sorted.len() - 1) as f64;
-    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
-}
-
 fn round(x: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (x * p).round() / p
@@ -383,10 +373,6 @@ impl CpuSample {
     }
 }
 
-/// 1-minute load average from /proc/loadavg (None off Linux).
-fn loadavg_1min() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
-}
 
 fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
@@ -475,11 +461,4 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn percentile_matches_numpy_linear() {
-        let v = [1.0, 2.0, 3.0, 4.0];
-        assert_eq!(percentile(&v, 50.0), 2.5);
-        assert!((percentile(&v, 99.0) - 3.97).abs() < 1e-12);
-        assert_eq!(percentile(&[7.0], 99.0), 7.0);
-    }
 }

@@ -33,13 +33,6 @@ pub struct QueryBenchArgs {
     pub settings: QuerySettings,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 pub fn run(a: QueryBenchArgs, out: &mut dyn Write) -> Result<()> {
     let cfg = a.settings.config()?;
     let encoder = a.model.load()?;
@@ -62,14 +55,14 @@ pub fn run(a: QueryBenchArgs, out: &mut dyn Write) -> Result<()> {
     let predictions = labeler::label_examples(&encoder, &index, &examples, &build, &cfg)?;
     let batch_s = t.elapsed().as_secs_f64();
     let throughput = predictions.len() as f64 / batch_s;
-    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    let (p50, p99) = (super::percentile(&latencies, 50.0), super::percentile(&latencies, 99.0));
     writeln!(out, "single utterance: p50 {p50:.2} ms, p99 {p99:.2} ms ({} utterances)", latencies.len())?;
     writeln!(out, "batched: {throughput:.1} utterances/s ({} utterances, batch size {})", predictions.len(), cfg.batch_size)?;
     let result = serde_json::json!({
         "query_p50_ms": p50, "query_p99_ms": p99, "query_throughput_utt_per_s": throughput,
         "utterances_single": latencies.len(), "utterances_batched": predictions.len(), "batch_size": cfg.batch_size,
         "index": {"path": a.index, "examples": index.n_examples(), "spans": index.n_spans(), "backend": index.backend().to_string()},
-        "loadavg_1min_after": std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().map(str::to_string)),
+        "loadavg_1min_after": super::loadavg_1min(),
         "threads": rayon::current_num_threads(),
     });
     crate::bench::merge_result(&a.out, &["query"], result)?;

@@ -74,14 +74,6 @@ fn check_loopback(url: &str) -> Result<()> {
     Ok(())
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
-}
-
 fn client(url: &str, bodies: &[String], offset: usize, deadline: Instant) -> ClientLog {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -143,11 +135,12 @@ fn drive(base: &str, a: &LoadArgs, texts: &[String]) -> Result<serde_json::Value
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| ClientLog { errors: 1, first_error: Some("client thread panicked".into()), ..Default::default() })).collect()
     });
     let wall = start.elapsed().as_secs_f64();
-    let mut latencies: Vec<Duration> = logs.iter().flat_map(|l| l.latencies.iter().copied()).collect();
-    latencies.sort();
+    let mut latencies: Vec<f64> = logs.iter().flat_map(|l| l.latencies.iter().map(|d| d.as_secs_f64() * 1000.0)).collect();
+    latencies.sort_by(f64::total_cmp);
     let errors: usize = logs.iter().map(|l| l.errors).sum();
     let ok = latencies.len();
-    let mean = if ok == 0 { 0.0 } else { latencies.iter().map(Duration::as_secs_f64).sum::<f64>() / ok as f64 * 1000.0 };
+    let mean = if ok == 0 { 0.0 } else { latencies.iter().sum::<f64>() / ok as f64 };
+    let percentile = crate::bench::percentile;
     Ok(json!({
         "clients": a.clients,
         "seconds": a.seconds,
@@ -162,7 +155,7 @@ fn drive(base: &str, a: &LoadArgs, texts: &[String]) -> Result<serde_json::Value
             "p50": percentile(&latencies, 50.0),
             "p90": percentile(&latencies, 90.0),
             "p99": percentile(&latencies, 99.0),
-            "max": latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            "max": latencies.last().copied().unwrap_or(0.0),
             "mean": mean,
         },
     }))
@@ -247,11 +240,4 @@ mod tests {
         assert!(check_loopback("https://127.0.0.1:8080").is_err());
     }
 
-    #[test]
-    fn percentiles_by_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&v[..1], 99.0), 1.0);
-    }
 }
