@@ -457,8 +457,3 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-}

@@ -333,7 +333,7 @@ fn saved_index_gives_the_same_predictions_and_refuses_another_encoder() {
 
     let other_pooling = match build.pooling {
         SpanPooling::Mean => SpanPooling::StartEnd,
-        SpanPooling::StartEnd => SpanPooling::Mean,
+        SpanPooling::StartEnd | SpanPooling::StartEndMean => SpanPooling::Mean,
     };
     let other = BuildConfig { pooling: other_pooling, ..build };
     match SpanIndex::open(&path, Some(&labeler::encoder_info(encoder(), &other))) {
