@@ -135,7 +135,7 @@ pub fn run(a: EncoderBenchArgs, out: &mut dyn Write) -> Result<()> {
         "command": command,
     });
     write_table(out, &report)?;
-    write_json(&a.out, &report)?;
+    super::write_json(&a.out, &report)?;
     writeln!(out, "load1: 1-min load average before; others: cores busy with other processes during the measurement")?;
     writeln!(out, "wrote {}", a.out.display())?;
     Ok(())
@@ -445,15 +445,4 @@ fn write_table(out: &mut dyn Write, report: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Writes through a temporary file in the same directory, then renames.
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)? + "\n")
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
-    Ok(())
-}
 

@@ -26,11 +26,17 @@ pub fn merge_result(path: &Path, key: &[&str], value: serde_json::Value) -> Resu
         node = &mut node[*k];
     }
     node[key[key.len() - 1]] = value;
+    write_json(path, &root)
+}
+
+/// Writes `value` as pretty JSON to `path` through a temporary file and a rename, so an
+/// interrupted benchmark never leaves a half-written results file.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&root)? + "\n").with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)? + "\n").with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
     Ok(())
 }
