@@ -323,16 +323,17 @@ fn data_stats(path: &Path, format: Option<Format>, out: &mut dyn Write) -> Resul
 
 /// Loads the examples of one split of any dataset (`preferred` when several).
 pub(crate) fn load_examples(path: &Path, split: Option<&str>, preferred: &str) -> Result<Vec<Example>> {
-    let dataset = data::load(path, None)?;
-    let names: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
+    let mut dataset = data::load(path, None)?;
+    let names: Vec<String> = dataset.splits.iter().map(|s| s.name.clone()).collect();
+    let position = |name: &str| names.iter().position(|n| n == name);
     let chosen = match split {
-        Some(name) => dataset.split(name).with_context(|| format!("{}: no split {name:?} (has {names:?})", path.display()))?,
-        None if dataset.splits.len() == 1 => &dataset.splits[0],
-        None => dataset
-            .split(preferred)
+        Some(name) => position(name).with_context(|| format!("{}: no split {name:?} (has {names:?})", path.display()))?,
+        None if names.len() == 1 => 0,
+        None => position(preferred)
             .with_context(|| format!("{}: several splits {names:?}; choose one with --split", path.display()))?,
     };
-    Ok(chosen.examples.clone())
+    // Move the split out rather than copying every example.
+    Ok(dataset.splits.swap_remove(chosen).examples)
 }
 
 fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {

@@ -8,8 +8,6 @@
 //! non-slot example. The alternative, slots only plus a similarity threshold, is
 //! `--no-o-spans`; BENCHMARKS.md compares the two.
 
-use std::collections::HashMap;
-
 use nearspan_index::{EncoderInfo, ExampleId, NewSpan, SpanIndex};
 use serde::{Deserialize, Serialize};
 
@@ -196,10 +194,10 @@ pub fn add_examples(
     build: &BuildConfig,
     batch_size: usize,
 ) -> Result<Vec<ExampleId>, LabelerError> {
-    check_labels(examples)?;
+    check_labels(examples)?; // before encoding: bad input costs no model time
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let encoded = encoder.encode(&texts, batch_size)?;
-    add_encoded(index, examples, &encoded, build)
+    add_checked(index, examples, &encoded, build)
 }
 
 /// Rejects examples that use the reserved non-slot label as a slot label.
@@ -220,6 +218,16 @@ pub fn add_encoded(
     build: &BuildConfig,
 ) -> Result<Vec<ExampleId>, LabelerError> {
     check_labels(examples)?;
+    add_checked(index, examples, encoded, build)
+}
+
+/// Adds examples whose labels [`check_labels`] has accepted.
+fn add_checked(
+    index: &mut SpanIndex,
+    examples: &[Example],
+    encoded: &[EncodedText],
+    build: &BuildConfig,
+) -> Result<Vec<ExampleId>, LabelerError> {
     let mut ids = Vec::with_capacity(examples.len());
     for (ex, enc) in examples.iter().zip(encoded) {
         let (spans, labels) = index_spans(ex, build);
@@ -289,8 +297,6 @@ pub struct Retrieved {
     pub spans: Vec<SpanEvidence>,
     /// (example id, similarity), best first.
     pub utterances: Vec<(u32, f32)>,
-    /// Per word: the best non-slot similarity of the single-word span.
-    pub word_o_scores: Vec<Option<f32>>,
 }
 
 /// Retrieves neighbours for every candidate span of every example (one encoder pass
@@ -324,7 +330,6 @@ pub fn retrieve_encoded(
         .map(|(ex, enc)| {
             let sv: SpanVectors = span_vectors(enc, &ex.words, candidate_spans(ex.words.len(), build.max_width), build.pooling);
             let hits = if sv.spans.is_empty() { Vec::new() } else { index.search_spans_batch(&sv.vectors, cfg.k) };
-            let mut word_o_scores = vec![None; ex.words.len()];
             let spans: Vec<SpanEvidence> = sv
                 .spans
                 .iter()
@@ -339,14 +344,11 @@ pub fn retrieve_encoded(
                     }
                     let o_score = by_label.iter().find(|(l, _, _)| Some(*l) == o_label).map(|x| x.1);
                     by_label.retain(|(l, _, _)| Some(*l) != o_label);
-                    if span.width() == 1 {
-                        word_o_scores[span.start] = o_score;
-                    }
                     SpanEvidence { span: *span, by_label, o_score }
                 })
                 .collect();
             let utterances = index.search_utterances(&utterance_vector(enc, build), cfg.intent_k).into_iter().map(|n| (n.id, n.similarity)).collect();
-            Retrieved { spans, utterances, word_o_scores }
+            Retrieved { spans, utterances }
         })
         .collect()
 }
@@ -362,15 +364,22 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
             (score >= cfg.threshold && beats_o).then_some(Candidate { span: e.span, label, score })
         })
         .collect();
-    let word_scores: Vec<f32> = r.word_o_scores.iter().map(|o| o.unwrap_or(cfg.threshold).max(cfg.threshold)).collect();
+    // How well each word fits no slot: its single-word span's best non-slot similarity,
+    // never below the threshold.
+    let mut word_scores = vec![cfg.threshold; ex.words.len()];
+    for e in r.spans.iter().filter(|e| e.span.width() == 1) {
+        if let (Some(o), Some(w)) = (e.o_score, word_scores.get_mut(e.span.start)) {
+            *w = o.max(cfg.threshold);
+        }
+    }
     let chosen = decode(&candidates, &word_scores, cfg.strategy);
-    let evidence: HashMap<WordSpan, &SpanEvidence> = r.spans.iter().map(|e| (e.span, e)).collect();
     let slots = chosen
         .iter()
         .map(|c| {
             let (start, end) = char_range(ex, c.span);
-            let neighbours = evidence[&c.span]
-                .by_label
+            // The few chosen spans are found among ~50 candidates; no map is worth building.
+            let evidence = r.spans.iter().find(|e| e.span == c.span).map_or(&[][..], |e| &e.by_label[..]);
+            let neighbours = evidence
                 .iter()
                 .take(cfg.explain)
                 .map(|&(_, similarity, id)| span_neighbour(index, id, similarity))
