@@ -377,7 +377,7 @@ fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {
 }
 
 pub(crate) fn build_config(index: &SpanIndex) -> Result<BuildConfig> {
-    labeler::build_config_of(index, index.label_id(labeler::O_LABEL).is_some()).map_err(anyhow::Error::msg)
+    labeler::build_config_of(index).map_err(anyhow::Error::msg)
 }
 
 /// Opens an index and checks it was built by `encoder` (not just any encoder of that dimension).

@@ -179,9 +179,11 @@ pub fn encoder_info(encoder: &Encoder, build: &BuildConfig) -> EncoderInfo {
     }
 }
 
-/// The build settings an opened index was made with.
-pub fn build_config_of(index: &SpanIndex, index_o_spans: bool) -> Result<BuildConfig, String> {
+/// The build settings an opened index was made with: width and pooling from its header,
+/// and whether it holds non-slot spans from its labels.
+pub fn build_config_of(index: &SpanIndex) -> Result<BuildConfig, String> {
     let e = index.encoder();
+    let index_o_spans = index.label_id(O_LABEL).is_some();
     Ok(BuildConfig { max_width: e.max_width as usize, pooling: e.pooling.parse()?, index_o_spans })
 }
 

@@ -161,7 +161,7 @@ pub struct IndexSummary {
 impl State {
     /// Builds the state and starts the batcher; call it inside a tokio runtime.
     pub fn new(encoder: Encoder, index: SpanIndex, index_path: &Path, options: Options) -> Result<Arc<Self>, ServeError> {
-        let build = labeler::build_config_of(&index, index.label_id(labeler::O_LABEL).is_some())
+        let build = labeler::build_config_of(&index)
             .map_err(|e| ServeError::Internal(format!("{}: {e}", index_path.display())))?;
         let encoder = Arc::new(encoder);
         let index = Arc::new(RwLock::new(index));

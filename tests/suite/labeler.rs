@@ -327,7 +327,7 @@ fn saved_index_gives_the_same_predictions_and_refuses_another_encoder() {
         (index.n_examples(), index.n_spans(), index.n_labels())
     );
     assert_eq!(opened.labels().collect::<Vec<_>>(), index.labels().collect::<Vec<_>>());
-    assert_eq!(labeler::build_config_of(&opened, true).unwrap(), build);
+    assert_eq!(labeler::build_config_of(&opened).unwrap(), build);
     let after = label(&opened, &texts, &cfg);
     assert_eq!(after, before, "predictions changed after a save/open round trip");
 
