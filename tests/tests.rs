@@ -6,6 +6,10 @@ mod common;
 mod encoder;
 #[path = "suite/train.rs"]
 mod train;
+#[path = "suite/baseline.rs"]
+mod baseline;
+#[path = "suite/training.rs"]
+mod training;
 #[path = "suite/data.rs"]
 mod data;
 #[path = "suite/eval.rs"]

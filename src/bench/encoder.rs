@@ -143,14 +143,14 @@ pub fn run(a: EncoderBenchArgs, out: &mut dyn Write) -> Result<()> {
 
 /// Sets the variables candle reads for its thread counts; they are read lazily, so
 /// this must run before the first tensor operation of the process.
-fn pin_candle_threads(threads: usize) {
+pub(crate) fn pin_candle_threads(threads: usize) {
     // Edition 2021: `set_var` is safe; no other thread of ours is running yet.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
 }
 
 /// The thread counts candle will actually use; an error if any differs from `want`.
-fn check_threads(pool: &rayon::ThreadPool, want: usize) -> Result<Value> {
+pub(crate) fn check_threads(pool: &rayon::ThreadPool, want: usize) -> Result<Value> {
     let gemm = candle_core::utils::get_num_threads();
     let elementwise = candle_core::utils::barrier_pool().n_workers() + 1; // + the calling thread
     let rayon_pool = pool.current_num_threads();
@@ -163,7 +163,7 @@ fn check_threads(pool: &rayon::ThreadPool, want: usize) -> Result<Value> {
     Ok(json!({ "candle_gemm": gemm, "candle_elementwise_pool": elementwise, "rayon_pool": rayon_pool }))
 }
 
-fn read_texts(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn read_texts(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the texts; pass --texts FILE (one utterance per line)", path.display()))?;
     let texts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
@@ -294,26 +294,32 @@ impl Peer {
             .env("RAYON_NUM_THREADS", &t)
             .output()
             .with_context(|| format!("{}: cannot start the peer", self.python.display()))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-            bail!(
-                "{} failed ({}) at batch {batch}:\n{}\n(check the venv per benches/peers/README.md, or pass --no-peer)",
-                self.script.display(),
-                output.status,
-                tail.join("\n")
-            );
-        }
-        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| {
-            format!("{}: printed no JSON line at batch {batch}; stdout was {stdout:?}", self.script.display())
-        })?;
-        serde_json::from_str(line).with_context(|| format!("{}: bad JSON line {line:?}", self.script.display()))
+        peer_json(&self.script, &output, &format!("at batch {batch}"))
     }
 }
 
+/// The JSON object on the last `{`-line of a finished peer's stdout; an error with the
+/// tail of its stderr when it failed. `during` says which measurement, for the message.
+pub(crate) fn peer_json(script: &Path, output: &std::process::Output, during: &str) -> Result<Value> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        bail!(
+            "{} failed ({}) {during}:\n{}\n(check the venv per benches/peers/README.md, or pass --no-peer)",
+            script.display(),
+            output.status,
+            tail.join("\n")
+        );
+    }
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| {
+        format!("{}: printed no JSON line {during}; stdout was {stdout:?}", script.display())
+    })?;
+    serde_json::from_str(line).with_context(|| format!("{}: bad JSON line {line:?}", script.display()))
+}
+
 /// The peer script as given, else relative to the repository (when run from elsewhere).
-fn resolve_script(p: &Path) -> Result<PathBuf> {
+pub(crate) fn resolve_script(p: &Path) -> Result<PathBuf> {
     if p.is_file() {
         return Ok(p.to_path_buf());
     }
@@ -324,14 +330,14 @@ fn resolve_script(p: &Path) -> Result<PathBuf> {
     bail!("{}: peer script not found; pass --peer-script or --no-peer", p.display())
 }
 
-fn ratio(num: Option<f64>, den: Option<f64>) -> Value {
+pub(crate) fn ratio(num: Option<f64>, den: Option<f64>) -> Value {
     match (num, den) {
         (Some(n), Some(d)) if d > 0.0 => json!(round(n / d, 3)),
         _ => Value::Null,
     }
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (x * p).round() / p
 }
@@ -340,7 +346,7 @@ fn round(x: f64, digits: i32) -> f64 {
 /// took during a measurement: the load average lags by a minute and counts our own
 /// previous measurement, this does neither.
 #[derive(Debug, Clone, Copy)]
-struct CpuSample {
+pub(crate) struct CpuSample {
     /// All CPUs together, clock ticks: (busy, total) from the `cpu` line of /proc/stat.
     busy: u64,
     total: u64,
@@ -349,7 +355,7 @@ struct CpuSample {
 }
 
 impl CpuSample {
-    fn now() -> Option<Self> {
+    pub(crate) fn now() -> Option<Self> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let fields: Vec<u64> =
             stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
@@ -364,7 +370,7 @@ impl CpuSample {
     }
 
     /// Cores' worth of CPU that other processes used since `self`, on average.
-    fn others_busy(self) -> Option<f64> {
+    pub(crate) fn others_busy(self) -> Option<f64> {
         let now = Self::now()?;
         let cores = std::thread::available_parallelism().ok()?.get() as f64;
         let wall = (now.total - self.total) as f64 / cores;
@@ -374,7 +380,7 @@ impl CpuSample {
 }
 
 
-fn cpu_model() -> Option<String> {
+pub(crate) fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     info.lines()
         .find(|l| l.starts_with("model name"))
@@ -383,7 +389,7 @@ fn cpu_model() -> Option<String> {
 }
 
 /// This process's command line, shell-quoted where needed.
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     std::env::args()
         .map(|arg| {
             if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c)) {

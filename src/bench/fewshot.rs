@@ -37,6 +37,10 @@ pub struct FewshotArgs {
     /// Only the first N episodes of each domain (for quick runs; the benchmark uses all 100).
     #[arg(long)]
     pub episodes: Option<usize>,
+    /// Only these folds (comma-separated, 1..=7), for quick looks; the average then
+    /// covers only them.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3, 4, 5, 6, 7])]
+    pub folds: Vec<usize>,
     /// Dev-domain episodes used to choose the threshold.
     #[arg(long, default_value_t = 50)]
     pub dev_episodes: usize,
@@ -49,6 +53,17 @@ pub struct FewshotArgs {
     /// Entry to write in the results file, e.g. retrieval_untrained.
     #[arg(long, default_value = "retrieval_untrained")]
     pub key: String,
+    /// One trained model per fold instead of --model: a path in which `{fold}` stands for
+    /// the fold number 1..=7, e.g. runs/snips-5shot/fold{fold}/model (`nearspan train
+    /// retriever --fold N` writes them).
+    #[arg(long, conflicts_with = "model")]
+    pub fold_models: Option<String>,
+    /// retrieval (index each support set) or finetune (the baseline: fine-tune a joint
+    /// model with fresh heads on each support set; slow, so use --episodes).
+    #[arg(long, default_value = "retrieval", value_parser = ["retrieval", "finetune"])]
+    pub method: String,
+    #[command(flatten)]
+    pub finetune: crate::bench::finetune::FinetuneSettings,
     #[command(flatten)]
     pub build: BuildArgs,
     #[command(flatten)]
@@ -119,7 +134,48 @@ fn mean(xs: &[f64]) -> f64 {
     if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 }
 }
 
-fn load_domain(data: &std::path::Path, shots: usize, fold: usize) -> Result<Vec<Episode>> {
+/// The decision settings chosen on dev episodes, and the F1 they reach there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DevChoice {
+    pub f1: f64,
+    pub threshold: f32,
+    pub o_margin: f32,
+}
+
+/// Grid-searches the threshold (and the non-slot margin, when `O` spans are indexed) on
+/// dev episodes; the mean per-episode F1 of the best setting also scores a checkpoint
+/// during training.
+fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<DevChoice> {
+    cache.fill(dev)?;
+    let runs: Vec<EpisodeRun> = dev.iter().map(|ep| run_episode(cache, ep, build, cfg)).collect::<Result<_>>()?;
+    let margins: &[f32] = if build.index_o_spans { &MARGIN_GRID } else { &[0.0] };
+    let mut best = DevChoice { f1: f64::NEG_INFINITY, threshold: cfg.threshold, o_margin: cfg.o_margin };
+    for &t in &THRESHOLD_GRID {
+        for &m in margins {
+            let c = QueryConfig { threshold: t, o_margin: m, ..*cfg };
+            let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, &c)).collect::<Result<Vec<_>>>()?);
+            if f1 > best.f1 {
+                best = DevChoice { f1, threshold: t, o_margin: m };
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// Scores an encoder on dev episodes (settings tuned there), for early stopping.
+pub(crate) fn dev_score(encoder: &Encoder, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<DevChoice> {
+    let mut cache = EncodingCache { encoder, batch_size: cfg.batch_size, map: HashMap::new() };
+    tune_on_dev(&mut cache, dev, build, cfg)
+}
+
+fn check_folds(folds: &[usize]) -> Result<()> {
+    if let Some(f) = folds.iter().find(|f| !(1..=7).contains(*f)) {
+        anyhow::bail!("--folds: {f} is not a fold (1..=7)");
+    }
+    Ok(())
+}
+
+pub(crate) fn load_domain(data: &std::path::Path, shots: usize, fold: usize) -> Result<Vec<Episode>> {
     let path = data.join(format!("xval_snips_shot_{shots}_out_{fold}")).join("test.json");
     let mut domains = read_fewshot(&path)?;
     let (_, episodes) = domains.pop().with_context(|| format!("{}: no domain inside", path.display()))?;
@@ -127,15 +183,36 @@ fn load_domain(data: &std::path::Path, shots: usize, fold: usize) -> Result<Vec<
 }
 
 pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
-    let encoder = a.model.load()?;
+    if a.method == "finetune" {
+        return run_finetune(a, out);
+    }
+    // One encoder for all folds (its cache then serves every fold), or one per fold.
+    let shared_encoder = match &a.fold_models {
+        None => Some(a.model.load()?),
+        Some(_) => None,
+    };
     let build = a.build.config();
     let base_cfg = a.settings.config()?;
-    let mut cache = EncodingCache { encoder: &encoder, batch_size: base_cfg.batch_size, map: HashMap::new() };
+    // Encodings carried from fold to fold while the encoder stays the same.
+    let mut carried: HashMap<String, EncodedText> = HashMap::new();
+    let mut model_name = shared_encoder.as_ref().map(|e| e.info().id.clone()).unwrap_or_default();
     let started = std::time::Instant::now();
     let mut per_domain = serde_json::Map::new();
     let mut thresholds = serde_json::Map::new();
     let mut f1s = Vec::new();
-    for fold in 1..=7 {
+    check_folds(&a.folds)?;
+    for &fold in &a.folds {
+        let fold_encoder = match &a.fold_models {
+            Some(pattern) => {
+                let dir = PathBuf::from(pattern.replace("{fold}", &fold.to_string()));
+                model_name = pattern.clone();
+                Some(Encoder::load(&dir).with_context(|| format!("fold {fold}: loading the fold's model"))?)
+            }
+            None => None,
+        };
+        let encoder = fold_encoder.as_ref().or(shared_encoder.as_ref()).expect("a shared or a per-fold encoder");
+        let mut fold_cache = EncodingCache { encoder, batch_size: base_cfg.batch_size, map: std::mem::take(&mut carried) };
+        let cache = &mut fold_cache;
         let dev_fold = fold % 7 + 1;
         let mut target = load_domain(&a.data, a.shots, fold)?;
         target.truncate(a.episodes.unwrap_or(usize::MAX));
@@ -144,26 +221,17 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         if !a.no_tune {
             let mut dev = load_domain(&a.data, a.shots, dev_fold)?;
             dev.truncate(a.dev_episodes);
-            cache.fill(&dev)?;
-            let runs: Vec<EpisodeRun> = dev.iter().map(|ep| run_episode(&cache, ep, &build, &cfg)).collect::<Result<_>>()?;
-            let margins: &[f32] = if build.index_o_spans { &MARGIN_GRID } else { &[0.0] };
-            let mut best = (f64::NEG_INFINITY, cfg.threshold, cfg.o_margin);
-            for &t in &THRESHOLD_GRID {
-                for &m in margins {
-                    let c = QueryConfig { threshold: t, o_margin: m, ..cfg };
-                    let f1 = mean(&runs.iter().zip(&dev).map(|(r, ep)| episode_f1(r, ep, &c)).collect::<Result<Vec<_>>>()?);
-                    if f1 > best.0 {
-                        best = (f1, t, m);
-                    }
-                }
-            }
-            (dev_f1, cfg.threshold, cfg.o_margin) = best;
+            let chosen = tune_on_dev(cache, &dev, &build, &cfg)?;
+            (dev_f1, cfg.threshold, cfg.o_margin) = (chosen.f1, chosen.threshold, chosen.o_margin);
         }
         cache.fill(&target)?;
         let scores: Vec<f64> = target
             .iter()
-            .map(|ep| episode_f1(&run_episode(&cache, ep, &build, &cfg)?, ep, &cfg))
+            .map(|ep| episode_f1(&run_episode(cache, ep, &build, &cfg)?, ep, &cfg))
             .collect::<Result<_>>()?;
+        if fold_encoder.is_none() {
+            carried = fold_cache.map;
+        }
         let f1 = mean(&scores);
         let domain = DOMAINS[fold - 1];
         writeln!(
@@ -186,10 +254,64 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         "per_domain": per_domain,
         "chosen_on_dev": thresholds,
         "episodes_per_domain": a.episodes.unwrap_or(100),
+        "folds": a.folds,
         "settings": {
-            "model": encoder.info().id, "pooling": build.pooling.name(), "max_width": build.max_width,
+            "model": model_name, "pooling": build.pooling.name(), "max_width": build.max_width,
             "o_spans": build.index_o_spans, "k": base_cfg.k, "decoder": format!("{:?}", base_cfg.strategy),
             "tuned": !a.no_tune,
+        },
+        "seconds": started.elapsed().as_secs_f64().round(),
+    });
+    crate::bench::merge_result(&a.out, &[&a.key, &format!("{}shot", a.shots)], result)?;
+    writeln!(out, "wrote {} [{}][{}shot]", a.out.display(), a.key, a.shots)?;
+    Ok(())
+}
+
+/// The fine-tune baseline over the 7 folds: per episode, fine-tune the fold's model on
+/// the support set and score the queries. Its settings are fixed, so no dev domain is used.
+fn run_finetune(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut per_domain = serde_json::Map::new();
+    let mut f1s = Vec::new();
+    let default_dir = match &a.fold_models {
+        None => Some(a.model.dir()?),
+        Some(_) => None,
+    };
+    check_folds(&a.folds)?;
+    for &fold in &a.folds {
+        let dir = match (&a.fold_models, &default_dir) {
+            (Some(pattern), _) => PathBuf::from(pattern.replace("{fold}", &fold.to_string())),
+            (None, Some(d)) => d.clone(),
+            (None, None) => unreachable!("a model folder or a per-fold pattern"),
+        };
+        let mut target = load_domain(&a.data, a.shots, fold)?;
+        target.truncate(a.episodes.unwrap_or(usize::MAX));
+        let mut scores = Vec::with_capacity(target.len());
+        for (i, ep) in target.iter().enumerate() {
+            let preds = crate::bench::finetune::finetune_and_label(&dir, &ep.support, &ep.query, &a.finetune, i as u64)
+                .with_context(|| format!("fold {fold}, episode {i}"))?;
+            let mut ev = Evaluator::new();
+            for (gold, pred) in ep.query.iter().zip(&preds) {
+                ev.add(gold, pred)?;
+            }
+            scores.push(100.0 * ev.report().micro.f1);
+        }
+        let f1 = mean(&scores);
+        let domain = DOMAINS[fold - 1];
+        writeln!(out, "{domain:<22} F1 {f1:6.2}  ({} episodes; {:.0}s)", scores.len(), started.elapsed().as_secs_f64())?;
+        per_domain.insert(domain.into(), serde_json::json!((f1 * 100.0).round() / 100.0));
+        f1s.push(f1);
+    }
+    let avg = mean(&f1s);
+    writeln!(out, "{:<22} F1 {avg:6.2}", "average")?;
+    let result = serde_json::json!({
+        "avg_f1": (avg * 100.0).round() / 100.0,
+        "per_domain": per_domain,
+        "episodes_per_domain": a.episodes.unwrap_or(100),
+        "folds": a.folds,
+        "settings": {
+            "model": a.fold_models.clone().unwrap_or_else(|| default_dir.map(|d| d.display().to_string()).unwrap_or_default()),
+            "method": "finetune", "finetune": a.finetune,
         },
         "seconds": started.elapsed().as_secs_f64().round(),
     });

@@ -4,7 +4,10 @@
 pub mod clinc;
 pub mod encoder;
 pub mod fewshot;
+pub mod finetune;
+pub mod full;
 pub mod query;
+pub mod train_step;
 
 use std::path::Path;
 

@@ -5,13 +5,16 @@
 //!
 //! One model, two kinds of forward pass ([`ForwardMode`]): inference uses candle's fused
 //! softmax and layer norm kernels, which are fast but have no backward (candle issues
-//! #3569, #3011: gradients silently stop there); training uses differentiable
-//! compositions of basic ops so every weight receives a gradient.
+//! #3569, #3011: gradients silently stop there); training uses nearspan's fused ops with
+//! an analytic backward ([`super::ops`]), so every weight receives a gradient at a
+//! fraction of the cost of composing basic candle ops. Both compute the same function
+//! (`tests/suite/train.rs` checks it), training adding dropout.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::BertConfig;
+use super::ops;
 
 /// Which kernels a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,19 +23,6 @@ pub enum ForwardMode {
     Inference,
     /// Differentiable ops; dropout with this probability (0 disables it).
     Train { dropout: f32 },
-}
-
-impl ForwardMode {
-    fn differentiable(self) -> bool {
-        matches!(self, ForwardMode::Train { .. })
-    }
-
-    fn dropout(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            ForwardMode::Train { dropout } if dropout > 0.0 => candle_nn::ops::dropout(xs, dropout),
-            _ => Ok(xs.clone()),
-        }
-    }
 }
 
 /// Layer norm over the last dimension, with a backward in training mode.
@@ -49,25 +39,22 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, xs: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-        if mode.differentiable() {
-            candle_nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps as f32)
-        } else {
-            candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        match mode {
+            ForwardMode::Train { .. } => ops::layer_norm(xs, &self.weight, &self.bias, self.eps),
+            ForwardMode::Inference => {
+                candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+            }
         }
-    }
-}
-
-/// Softmax over the last dimension; the composed version has a backward.
-fn softmax_last_dim(xs: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-    if mode.differentiable() {
-        candle_nn::ops::softmax(xs, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(xs)
     }
 }
 
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
     Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, Some(vb.get(out_dim, "bias")?)))
+}
+
+/// A linear layer's bias (BERT's all have one); the training ops add it themselves.
+fn bias(layer: &Linear) -> &Tensor {
+    layer.bias().expect("BERT linear layers have a bias")
 }
 
 /// Word, position and token-type embeddings, summed and normalized.
@@ -92,7 +79,7 @@ impl Embeddings {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor) -> Result<Tensor> {
         let (_b, t) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
         let xs = self
@@ -100,7 +87,19 @@ impl Embeddings {
             .forward(input_ids)?
             .add(&self.token_type.forward(token_type_ids)?)?
             .broadcast_add(&self.position.forward(&positions)?)?;
-        mode.dropout(&self.norm.forward(&xs, mode)?)
+        self.norm.forward(&xs, ForwardMode::Inference)
+    }
+
+    /// Training: (b * t, hidden), each table read with one `index_select` (token type 0).
+    fn forward_train(&self, input_ids: &Tensor, dropout: f32) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let dev = input_ids.device();
+        let positions = Tensor::from_vec((0..b * t).map(|i| (i % t) as u32).collect::<Vec<_>>(), b * t, dev)?;
+        let types = Tensor::zeros(b * t, DType::U32, dev)?;
+        let xs = (self.word.embeddings().index_select(&input_ids.flatten_all()?, 0)?
+            + self.token_type.embeddings().index_select(&types, 0)?)?
+            .add(&self.position.embeddings().index_select(&positions, 0)?)?;
+        ops::dropout(&self.norm.forward(&xs, ForwardMode::Train { dropout })?, dropout)
     }
 }
 
@@ -132,7 +131,7 @@ impl Attention {
     }
 
     /// `mask_bias`: (b, 1, 1, t), 0 for real tokens and a large negative for padding.
-    fn forward(&self, xs: &Tensor, mask_bias: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
         let (b, t, h) = xs.dims3()?;
         let split = |x: Tensor| -> Result<Tensor> {
             x.reshape((b, t, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
@@ -142,10 +141,20 @@ impl Attention {
         let v = split(self.value.forward(xs)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask_bias)?;
-        let probs = mode.dropout(&softmax_last_dim(&scores, mode)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        let out = mode.dropout(&self.output.forward(&context)?)?;
-        self.norm.forward(&(out + xs)?, mode)
+        let out = self.output.forward(&context)?;
+        self.norm.forward(&(out + xs)?, ForwardMode::Inference)
+    }
+
+    /// Training: `xs` is (b * t, hidden); the three projections are one matmul with the
+    /// weights stacked, and [`ops::attention`] does the rest up to the output projection.
+    fn forward_train(&self, xs: &Tensor, mask_bias: &Tensor, seq_len: usize, dropout: f32) -> Result<Tensor> {
+        let w = Tensor::cat(&[self.query.weight(), self.key.weight(), self.value.weight()], 0)?;
+        let b = Tensor::cat(&[bias(&self.query), bias(&self.key), bias(&self.value)], 0)?;
+        let context = ops::attention(&ops::linear(xs, &w)?, &b, mask_bias, seq_len, self.heads, dropout)?;
+        let out = ops::bias_dropout_add(&ops::linear(&context, self.output.weight())?, bias(&self.output), xs, dropout)?;
+        self.norm.forward(&out, ForwardMode::Train { dropout })
     }
 }
 
@@ -168,13 +177,22 @@ impl Layer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask_bias: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("bert_layer").entered();
-        let attended = self.attention.forward(xs, mask_bias, mode)?;
-        // HF's "gelu" is the exact erf form; candle's gelu_erf has a backward.
+        let attended = self.attention.forward(xs, mask_bias)?;
+        // HF's "gelu" is the exact erf form.
         let inner = self.intermediate.forward(&attended)?.gelu_erf()?;
-        let out = mode.dropout(&self.output.forward(&inner)?)?;
-        self.norm.forward(&(out + attended)?, mode)
+        let out = self.output.forward(&inner)?;
+        self.norm.forward(&(out + attended)?, ForwardMode::Inference)
+    }
+
+    /// Training: `xs` is (b * t, hidden).
+    fn forward_train(&self, xs: &Tensor, mask_bias: &Tensor, seq_len: usize, dropout: f32) -> Result<Tensor> {
+        let _span = tracing::trace_span!("bert_layer_train").entered();
+        let attended = self.attention.forward_train(xs, mask_bias, seq_len, dropout)?;
+        let inner = ops::bias_gelu(&ops::linear(&attended, self.intermediate.weight())?, bias(&self.intermediate))?;
+        let out = ops::bias_dropout_add(&ops::linear(&inner, self.output.weight())?, bias(&self.output), &attended, dropout)?;
+        self.norm.forward(&out, ForwardMode::Train { dropout })
     }
 }
 
@@ -203,14 +221,25 @@ impl BertModel {
     /// (batch, tokens, hidden) in f32.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: ForwardMode) -> Result<Tensor> {
         let _span = tracing::debug_span!("bert_forward").entered();
-        let token_type_ids = input_ids.zeros_like()?;
         let (b, t) = input_ids.dims2()?;
         // (1 - mask) * -10000 as in the original BERT: padding gets ~0 attention.
         let mask_bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 10_000.0)?.reshape((b, 1, 1, t))?;
-        let mut xs = self.embeddings.forward(input_ids, &token_type_ids, mode)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &mask_bias, mode)?;
+        match mode {
+            ForwardMode::Inference => {
+                let token_type_ids = input_ids.zeros_like()?;
+                let mut xs = self.embeddings.forward(input_ids, &token_type_ids)?;
+                for layer in &self.layers {
+                    xs = layer.forward(&xs, &mask_bias)?;
+                }
+                Ok(xs)
+            }
+            ForwardMode::Train { dropout } => {
+                let mut xs = self.embeddings.forward_train(input_ids, dropout)?;
+                for layer in &self.layers {
+                    xs = layer.forward_train(&xs, &mask_bias, t, dropout)?;
+                }
+                xs.reshape((b, t, ()))
+            }
         }
-        Ok(xs)
     }
 }

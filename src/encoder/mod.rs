@@ -7,6 +7,7 @@
 
 mod bert;
 mod config;
+pub mod ops;
 mod pooling;
 mod tokenize;
 

@@ -319,6 +319,7 @@ fn help_exits_zero_for_every_command() {
         &["bench"],
         &["bench", "fewshot"],
         &["bench", "encoder"],
+        &["bench", "train-step"],
     ];
     for cmd in commands {
         let mut args = cmd.to_vec();

@@ -1,0 +1,419 @@
+//! `nearspan train retriever|baseline`: arguments, data selection, progress display.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{load_examples, BuildArgs, ModelArg};
+use crate::bench::fewshot::{dev_score, load_domain, DOMAINS};
+use crate::data::Example;
+use crate::encoder::SpanPooling;
+use crate::eval::Evaluator;
+use crate::train::baseline::{JointLabels, JointModel, JointObjective, LABELS_FILE};
+use crate::train::optim::AdamWConfig;
+use crate::train::retriever::{RetrieverLoss, RetrieverObjective};
+use crate::train::{self, Observer, RunPaths, StepReport, TrainConfig, TrainError, TrainSummary, TrainableEncoder};
+
+#[derive(Debug, Subcommand)]
+pub enum TrainCommand {
+    /// Fine-tune the encoder so that spans (and utterances) with the same label lie close
+    /// together: the retrieval model (batch-softmax objective of Yu et al. 2021).
+    Retriever(RetrieverArgs),
+    /// Fine-tune the JointBERT-style baseline: intent on [CLS], BIO slots on each word's
+    /// first sub-token.
+    Baseline(BaselineArgs),
+}
+
+/// Settings of the training loop, shared by both models.
+#[derive(Debug, Args)]
+pub struct LoopArgs {
+    /// Output folder: model/ (the best model on dev, else the last), checkpoints/, training.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint (same settings and data).
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value_t = 1.0)]
+    pub epochs: f64,
+    /// Stop after this many steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 3e-5)]
+    pub lr: f64,
+    /// Warmup as a fraction of all steps, then linear decay to 0.
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 13)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f32,
+    /// Evaluate on dev every N steps and keep the best model (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Stop after N evaluations without improvement.
+    #[arg(long)]
+    pub patience: Option<u64>,
+    /// Write a resumable checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: u64,
+}
+
+impl LoopArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.warmup) {
+            bail!("--warmup is a fraction of the steps, in 0..1; got {}", self.warmup);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("--dropout must be in 0..1, got {}", self.dropout);
+        }
+        if !(self.epochs > 0.0) {
+            bail!("--epochs must be positive");
+        }
+        Ok(TrainConfig {
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            lr: self.lr,
+            warmup: self.warmup,
+            clip: self.clip,
+            seed: self.seed,
+            eval_every: self.eval_every,
+            checkpoint_every: self.checkpoint_every,
+            patience: self.patience,
+            adamw: AdamWConfig { weight_decay: self.weight_decay, ..Default::default() },
+        })
+    }
+
+    /// Refuses to overwrite a finished or interrupted run unless asked to resume it.
+    fn check_out(&self) -> Result<()> {
+        let ck = self.out.join("checkpoints");
+        if !self.resume && ck.exists() {
+            bail!(
+                "{} already holds a training run; pass --resume to continue it, or choose another --out",
+                self.out.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RetrieverArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Training data (any supported format), e.g. ../shared/data/snips.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Which split of --data (default: train).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Leave out examples of these intents (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_intents: Vec<String>,
+    /// SNIPS few-shot protocol (Hou et al. 2020): fold N's target domain and its dev
+    /// domain N+1 are left out of training, and dev episodes of domain N+1 decide early
+    /// stopping. Needs --episodes.
+    #[arg(long, requires = "episodes", value_parser = clap::value_parser!(u32).range(1..=7))]
+    pub fold: Option<u32>,
+    /// The snips_fewshot folder (for --fold).
+    #[arg(long)]
+    pub episodes: Option<PathBuf>,
+    /// Shots of the dev episodes (for --fold).
+    #[arg(long, default_value_t = 5)]
+    pub shots: usize,
+    /// Dev episodes scored at each evaluation (for --fold).
+    #[arg(long, default_value_t = 20)]
+    pub dev_episodes: usize,
+    /// Cosine similarities are multiplied by this in the softmax (1 / temperature).
+    #[arg(long, default_value_t = 20.0)]
+    pub scale: f32,
+    /// Random non-slot spans per utterance that take part as label O.
+    #[arg(long, default_value_t = 2)]
+    pub o_spans: usize,
+    /// Weight of the utterance-level intent loss (0: slots only).
+    #[arg(long, default_value_t = 1.0)]
+    pub intent_weight: f32,
+    /// Examples drawn per label when a batch is built (at least 2).
+    #[arg(long, default_value_t = 4)]
+    pub per_label: usize,
+    #[command(flatten)]
+    pub build: BuildArgs,
+    #[command(flatten)]
+    pub run: LoopArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BaselineArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Training data (any supported format), e.g. ../shared/data/atis.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Split of --data for model selection (intent accuracy + slot F1); "none" to skip.
+    #[arg(long, default_value = "dev")]
+    pub dev_split: String,
+    /// Leave out examples of these intents (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_intents: Vec<String>,
+    #[command(flatten)]
+    pub run: LoopArgs,
+}
+
+pub(crate) fn run(cmd: TrainCommand, out: &mut dyn Write) -> Result<()> {
+    match cmd {
+        TrainCommand::Retriever(a) => retriever(a, out),
+        TrainCommand::Baseline(a) => baseline(a, out),
+    }
+}
+
+/// Draws a progress bar (on a terminal) and prints evaluations and checkpoints.
+struct Progress<'a> {
+    bar: ProgressBar,
+    out: &'a mut dyn Write,
+    smoothed: Option<f32>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(out: &'a mut dyn Write) -> Self {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Self { bar, out, smoothed: None }
+    }
+
+    fn line(&mut self, text: String) {
+        let out = &mut self.out;
+        self.bar.suspend(|| {
+            let _ = writeln!(out, "{text}");
+        });
+    }
+}
+
+impl Observer for Progress<'_> {
+    fn started(&mut self, first_step: u64, total: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(first_step);
+        if first_step > 0 {
+            self.line(format!("resumed at step {first_step} of {total}"));
+        }
+    }
+
+    fn step(&mut self, r: &StepReport) {
+        let s = self.smoothed.map_or(r.loss, |s| 0.95 * s + 0.05 * r.loss);
+        self.smoothed = Some(s);
+        self.bar.set_position(r.step);
+        let message = format!(
+            "loss {s:.4}, lr {:.1e}, |g| {:.2}, {:.0} tokens/s, {:.2} s/step",
+            r.lr,
+            r.grad_norm,
+            r.tokens as f64 / r.seconds.max(1e-9),
+            r.seconds
+        );
+        // Without a terminal (logs, CI) the bar is hidden: print a line now and then.
+        if self.bar.is_hidden() && r.step % (r.total / 20).max(10) == 0 {
+            self.line(format!("step {}/{}: {message}", r.step, r.total));
+        }
+        self.bar.set_message(message);
+    }
+
+    fn evaluated(&mut self, step: u64, score: f64, best: bool) {
+        let loss = self.smoothed.map(|l| format!(", train loss {l:.4}")).unwrap_or_default();
+        self.line(format!("step {step}: dev {score:.2}{loss}{}", if best { " (best so far: saved)" } else { "" }));
+    }
+
+    fn checkpointed(&mut self, path: &Path) {
+        self.line(format!("checkpoint {}", path.display()));
+    }
+}
+
+/// Drops examples of the given intents; fails if an intent named matches nothing.
+fn exclude(examples: Vec<Example>, intents: &[String], source: &Path) -> Result<Vec<Example>> {
+    for i in intents {
+        if !examples.iter().any(|e| e.intent.as_deref() == Some(i)) {
+            bail!("{}: no example has intent {i:?} (to exclude)", source.display());
+        }
+    }
+    Ok(examples.into_iter().filter(|e| !e.intent.as_ref().is_some_and(|i| intents.contains(i))).collect())
+}
+
+fn finish(summary: &TrainSummary, paths: &RunPaths, settings: serde_json::Value, out: &mut dyn Write) -> Result<()> {
+    let s = &summary.state;
+    let result = serde_json::json!({
+        "steps": s.step,
+        "total_steps": s.total_steps,
+        "resumed_from": summary.resumed_from,
+        "best": s.best,
+        "history": s.history,
+        "seconds": summary.seconds.round(),
+        "tokens_per_s": summary.tokens_per_s.round(),
+        "config": s.config,
+        "objective": s.objective,
+        "data": s.data,
+        "settings": settings,
+    });
+    crate::bench::write_json(&paths.out.join("training.json"), &result)?;
+    match &s.best {
+        Some(b) => writeln!(out, "best dev score {:.2} at step {}; model: {}", b.score, b.step, paths.model_dir().display())?,
+        None => writeln!(out, "trained {} steps; model: {}", s.step, paths.model_dir().display())?,
+    }
+    writeln!(out, "{:.0} s, {:.0} tokens/s", summary.seconds, summary.tokens_per_s)?;
+    Ok(())
+}
+
+fn retriever(a: RetrieverArgs, out: &mut dyn Write) -> Result<()> {
+    a.run.check_out()?;
+    let config = a.run.config()?;
+    let base_dir = a.model.dir()?;
+    let mut examples = load_examples(&a.data, a.split.as_deref(), "train")?;
+    let mut left_out = a.exclude_intents.clone();
+    let mut dev = Vec::new();
+    if let (Some(fold), Some(episodes)) = (a.fold, &a.episodes) {
+        let fold = fold as usize;
+        let dev_fold = fold % 7 + 1;
+        left_out.extend([DOMAINS[fold - 1].to_string(), DOMAINS[dev_fold - 1].to_string()]);
+        dev = load_domain(episodes, a.shots, dev_fold)?;
+        dev.truncate(a.dev_episodes);
+    }
+    examples = exclude(examples, &left_out, &a.data)?;
+    if a.per_label < 2 {
+        bail!("--per-label must be at least 2 (a label needs a partner in its batch)");
+    }
+    let loss = RetrieverLoss {
+        pooling: a.build.pooling,
+        max_width: a.build.max_width,
+        scale: a.scale,
+        o_spans: a.o_spans,
+        intent_weight: a.intent_weight,
+        per_label: a.per_label,
+        dropout: a.run.dropout,
+    };
+    let trainable = TrainableEncoder::load(&base_dir)?;
+    let fingerprint = train::data_fingerprint(examples.iter().flat_map(|e| {
+        std::iter::once(e.text.as_str()).chain(e.intent.as_deref()).chain(e.spans.iter().map(|s| s.label.as_str()))
+    }));
+    let n = examples.len();
+    let objective = RetrieverObjective::new(&trainable.encoder, examples, loss, a.run.batch_size)?;
+    writeln!(
+        out,
+        "training the retriever on {n} examples ({} slot labels incl. O){}",
+        objective.slot_labels(),
+        if left_out.is_empty() { String::new() } else { format!(", leaving out {}", left_out.join(", ")) }
+    )?;
+    let build = a.build.config();
+    let cfg = crate::labeler::QueryConfig::default();
+    let mut evaluate = |_step: u64| -> Result<Option<f64>, TrainError> {
+        if dev.is_empty() {
+            return Ok(None);
+        }
+        let choice = dev_score(&trainable.encoder, &dev, &build, &cfg).map_err(|e| TrainError::Eval(format!("{e:#}")))?;
+        Ok(Some(choice.f1))
+    };
+    let paths = RunPaths { base_dir: &base_dir, out: &a.run.out };
+    let objective_json = serde_json::to_value(loss)?;
+    let mut progress = Progress::new(out);
+    let summary = train::train(
+        &objective,
+        &trainable.varmap,
+        &paths,
+        &config,
+        objective_json,
+        fingerprint,
+        Vec::new(),
+        &mut evaluate,
+        &mut progress,
+        a.run.resume,
+    )?;
+    progress.bar.finish_and_clear();
+    let settings = serde_json::json!({
+        "model": "retriever", "base_model": base_dir, "data": a.data, "left_out_intents": left_out,
+        "fold": a.fold, "dev": if dev.is_empty() { None } else { Some(format!("{}-shot episodes of {}, first {}", a.shots, DOMAINS[a.fold.unwrap_or(1) as usize % 7], dev.len())) },
+        "pooling": SpanPooling::name(a.build.pooling),
+    });
+    finish(&summary, &paths, settings, out)
+}
+
+/// Intent accuracy and slot F1 (percent), averaged: the baseline's dev score.
+pub(crate) fn joint_score(model: &JointModel, gold: &[Example], batch_size: usize) -> Result<(f64, crate::eval::EvalReport)> {
+    let preds = model.predict(gold, batch_size)?;
+    let mut ev = Evaluator::new();
+    for (g, p) in gold.iter().zip(&preds) {
+        ev.add(g, &p.to_example(g))?;
+    }
+    let report = ev.report();
+    let intent = report.intent_accuracy.unwrap_or(0.0);
+    Ok((100.0 * (intent + report.micro.f1) / 2.0, report))
+}
+
+fn baseline(a: BaselineArgs, out: &mut dyn Write) -> Result<()> {
+    a.run.check_out()?;
+    let config = a.run.config()?;
+    let base_dir = a.model.dir()?;
+    let examples = exclude(load_examples(&a.data, Some(&a.split), "train")?, &a.exclude_intents, &a.data)?;
+    let dev = match a.dev_split.as_str() {
+        "none" => Vec::new(),
+        name => exclude(load_examples(&a.data, Some(name), "dev")?, &a.exclude_intents, &a.data)?,
+    };
+    let trainable = TrainableEncoder::load(&base_dir)?;
+    let labels = JointLabels::from_examples(&examples);
+    let model = JointModel::new(&trainable.encoder, &trainable.varmap, labels)?;
+    let fingerprint = train::data_fingerprint(examples.iter().flat_map(|e| {
+        std::iter::once(e.text.as_str()).chain(e.intent.as_deref()).chain(e.spans.iter().map(|s| s.label.as_str()))
+    }));
+    writeln!(
+        out,
+        "training the baseline on {} examples ({} intents, {} slot labels)",
+        examples.len(),
+        model.labels().intents.len(),
+        model.labels().slots.len()
+    )?;
+    let objective = JointObjective::new(&model, examples, a.run.batch_size, a.run.dropout)?;
+    let mut evaluate = |_step: u64| -> Result<Option<f64>, TrainError> {
+        if dev.is_empty() {
+            return Ok(None);
+        }
+        let (score, _) = joint_score(&model, &dev, 64).map_err(|e| TrainError::Eval(format!("{e:#}")))?;
+        Ok(Some(score))
+    };
+    let paths = RunPaths { base_dir: &base_dir, out: &a.run.out };
+    let objective_json = serde_json::json!({"model": "baseline", "dropout": a.run.dropout, "batch_size": a.run.batch_size});
+    let mut progress = Progress::new(out);
+    let summary = train::train(
+        &objective,
+        &trainable.varmap,
+        &paths,
+        &config,
+        objective_json,
+        fingerprint,
+        vec![(LABELS_FILE, model.labels_json())],
+        &mut evaluate,
+        &mut progress,
+        a.run.resume,
+    )?;
+    progress.bar.finish_and_clear();
+    let settings = serde_json::json!({
+        "model": "baseline", "base_model": base_dir, "data": a.data, "split": a.split, "dev_split": a.dev_split,
+        "left_out_intents": a.exclude_intents,
+    });
+    finish(&summary, &paths, settings, out)
+}
