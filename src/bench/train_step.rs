@@ -1,6 +1,7 @@
 //! Speed of one training step of the encoder against the PyTorch peer: forward in
 //! [`ForwardMode::Train`] with dropout, a loss that touches every position, backward, and
-//! one `candle_nn::AdamW` step, on a fixed batch; the reference stack (HF transformers +
+//! one AdamW step (`candle_nn::AdamW`, or with `--optimizer nearspan` the in-place one
+//! `nearspan train` uses), on a fixed batch; the reference stack (HF transformers +
 //! PyTorch, `benches/peers/train_step_peer.py`) does the same step on the same batch,
 //! in the same invocation (ours first, then the peer) so both see the same machine.
 //!
@@ -76,6 +77,11 @@ pub struct TrainStepArgs {
     /// AdamW learning rate (weight decay 0.01, betas 0.9/0.999, eps 1e-8 on both sides).
     #[arg(long, default_value_t = 2e-5)]
     pub lr: f64,
+    /// Our side's AdamW: candle-nn's (`candle_nn::AdamW`, a dozen tensor ops per weight)
+    /// or nearspan's (`nearspan::train::optim::AdamW`, what `nearspan train` uses: one
+    /// in-place pass per weight, no decay on biases and layer norms, no clipping here).
+    #[arg(long, value_enum, default_value = "candle-nn")]
+    pub optimizer: OptimizerKind,
     /// Python of the venv holding torch and transformers (see benches/peers/README.md).
     #[arg(long, default_value = "/work/peers-venv/bin/python")]
     pub python: PathBuf,
@@ -88,6 +94,43 @@ pub struct TrainStepArgs {
     /// Results file (overwritten).
     #[arg(long, default_value = "benches/results/train_step.json")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    CandleNn,
+    Nearspan,
+}
+
+/// The optimizer of our side.
+enum Optim {
+    CandleNn(AdamW),
+    Nearspan(crate::train::optim::AdamW),
+}
+
+impl Optim {
+    fn new(kind: OptimizerKind, t: &TrainableEncoder, lr: f64) -> Result<Self> {
+        Ok(match kind {
+            OptimizerKind::CandleNn => {
+                let params = ParamsAdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+                Optim::CandleNn(AdamW::new(t.varmap.all_vars(), params)?)
+            }
+            OptimizerKind::Nearspan => {
+                let vars = t.varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                Optim::Nearspan(crate::train::optim::AdamW::new(vars, crate::train::optim::AdamWConfig::default())?)
+            }
+        })
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<()> {
+        match self {
+            Optim::CandleNn(o) => o.step(grads)?,
+            Optim::Nearspan(o) => {
+                o.step(grads, lr, 0.0)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn run(a: TrainStepArgs, out: &mut dyn Write) -> Result<()> {
@@ -199,6 +242,10 @@ pub fn run(a: TrainStepArgs, out: &mut dyn Write) -> Result<()> {
         "tokens": a.tokens,
         "dropout": round(a.dropout as f64, 6),
         "lr": a.lr,
+        "optimizer": match a.optimizer {
+            OptimizerKind::CandleNn => "candle_nn::AdamW",
+            OptimizerKind::Nearspan => "nearspan::train::optim::AdamW",
+        },
         "temperature": TEMPERATURE,
         "warmup_steps": a.warmup,
         "timed_steps": a.steps,
@@ -304,8 +351,7 @@ fn measure(t: &TrainableEncoder, batch: &Batch, a: &TrainStepArgs) -> Result<Mea
     let model = t.encoder.model();
     let loss_no_dropout =
         contrastive_loss(model, batch, ForwardMode::Train { dropout: 0.0 })?.to_scalar::<f32>()? as f64;
-    let params = ParamsAdamW { lr: a.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-    let mut opt = AdamW::new(t.varmap.all_vars(), params)?;
+    let mut opt = Optim::new(a.optimizer, t, a.lr)?;
     let mode = ForwardMode::Train { dropout: a.dropout };
     let mut m = Measurement { steps: Vec::new(), loss_no_dropout, losses: Vec::new() };
     for i in 0..a.warmup + a.steps {
@@ -315,7 +361,7 @@ fn measure(t: &TrainableEncoder, batch: &Batch, a: &TrainStepArgs) -> Result<Mea
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();
-        opt.step(&grads)?;
+        opt.step(&grads, a.lr)?;
         drop(grads);
         drop(loss);
         let t3 = Instant::now();
@@ -373,5 +419,13 @@ fn write_table(out: &mut dyn Write, r: &Value) -> Result<()> {
         )?;
     }
     writeln!(out, "medians of the timed steps; load1: 1-min load average before; others: cores busy with other processes during the measurement")?;
+    let busy = ["nearspan", "pytorch"].iter().filter_map(|k| r[*k]["other_processes_cores_busy"].as_f64()).fold(0f64, f64::max);
+    if busy >= 0.5 {
+        writeln!(
+            out,
+            "warning: other processes kept {busy:.2} cores busy during the measurement: timings on a shared machine are noisy, \
+             and with more threads than free cores both sides (PyTorch's OpenMP threads most) slow down severalfold"
+        )?;
+    }
     Ok(())
 }
