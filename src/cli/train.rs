@@ -257,6 +257,13 @@ fn exclude(examples: Vec<Example>, intents: &[String], source: &Path) -> Result<
     Ok(examples.into_iter().filter(|e| !e.intent.as_ref().is_some_and(|i| intents.contains(i))).collect())
 }
 
+/// Identifies training data by its texts and labels, so that `--resume` refuses other data.
+fn examples_fingerprint(examples: &[Example]) -> String {
+    train::data_fingerprint(examples.iter().flat_map(|e| {
+        std::iter::once(e.text.as_str()).chain(e.intent.as_deref()).chain(e.spans.iter().map(|s| s.label.as_str()))
+    }))
+}
+
 fn finish(summary: &TrainSummary, paths: &RunPaths, settings: serde_json::Value, out: &mut dyn Write) -> Result<()> {
     let s = &summary.state;
     let result = serde_json::json!({
@@ -309,9 +316,7 @@ fn retriever(a: RetrieverArgs, out: &mut dyn Write) -> Result<()> {
         dropout: a.run.dropout,
     };
     let trainable = TrainableEncoder::load(&base_dir)?;
-    let fingerprint = train::data_fingerprint(examples.iter().flat_map(|e| {
-        std::iter::once(e.text.as_str()).chain(e.intent.as_deref()).chain(e.spans.iter().map(|s| s.label.as_str()))
-    }));
+    let fingerprint = examples_fingerprint(&examples);
     let n = examples.len();
     let objective = RetrieverObjective::new(&trainable.encoder, examples, loss, a.run.batch_size)?;
     writeln!(
@@ -377,9 +382,7 @@ fn baseline(a: BaselineArgs, out: &mut dyn Write) -> Result<()> {
     let trainable = TrainableEncoder::load(&base_dir)?;
     let labels = JointLabels::from_examples(&examples);
     let model = JointModel::new(&trainable.encoder, &trainable.varmap, labels)?;
-    let fingerprint = train::data_fingerprint(examples.iter().flat_map(|e| {
-        std::iter::once(e.text.as_str()).chain(e.intent.as_deref()).chain(e.spans.iter().map(|s| s.label.as_str()))
-    }));
+    let fingerprint = examples_fingerprint(&examples);
     writeln!(
         out,
         "training the baseline on {} examples ({} intents, {} slot labels)",
