@@ -34,3 +34,25 @@ pub fn shared(path: &str) -> PathBuf {
 pub fn gradient_vanishes_exactly(name: &str) -> bool {
     name.ends_with("attention.self.key.bias")
 }
+
+/// Names of the variables in `vars` that `grads` does not reach, or reaches with an
+/// all-zero gradient (except those whose gradient [vanishes exactly](gradient_vanishes_exactly)).
+pub fn weights_without_gradient<'a>(
+    vars: impl IntoIterator<Item = (&'a str, &'a candle_core::Var)>,
+    grads: &candle_core::backprop::GradStore,
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (name, var) in vars {
+        match grads.get(var.as_tensor()) {
+            None => missing.push(format!("{name}: no gradient")),
+            Some(g) => {
+                // Rows such as unused positions legitimately get zero; check the whole tensor.
+                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                if !(norm > 0.0) && !gradient_vanishes_exactly(name) {
+                    missing.push(format!("{name}: zero gradient"));
+                }
+            }
+        }
+    }
+    missing
+}
