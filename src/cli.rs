@@ -56,6 +56,10 @@ pub struct ModelArg {
     /// Default: $NEARSPAN_MODEL, ../shared/models/all-minilm-l6-v2 or models/all-minilm-l6-v2.
     #[arg(long, env = "NEARSPAN_MODEL")]
     pub model: Option<PathBuf>,
+    /// Precision of the encoder's matrix products at inference: f32 (exact) or bf16
+    /// (faster; needs Intel AMX; costs accuracy, see BENCHMARKS.md).
+    #[arg(long, env = "NEARSPAN_PRECISION", default_value = "f32")]
+    pub precision: crate::encoder::Precision,
 }
 
 impl ModelArg {
@@ -73,7 +77,7 @@ impl ModelArg {
     }
 
     pub(crate) fn load(&self) -> Result<Encoder> {
-        Ok(Encoder::load(&self.dir()?)?)
+        Ok(Encoder::load_with_precision(&self.dir()?, self.precision)?)
     }
 }
 
@@ -524,8 +528,9 @@ mod tests {
             &["bench", "full", "--data", "d"],
             &["bench", "clinc", "--data", "d", "--shots", "5", "--method", "finetune"],
             &["bench", "query", "--index", "i", "--data", "d"],
-            &["bench", "encoder"],
+            &["bench", "encoder", "--precisions", "f32,bf16"],
             &["bench", "train-step"],
+            &["encode", "--precision", "bf16", "hello"],
         ];
         for line in lines {
             let args = std::iter::once("nearspan").chain(line.iter().copied());

@@ -34,7 +34,7 @@ use clap::builder::TypedValueParser as _;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::encoder::{EncodedText, Encoder};
+use crate::encoder::{EncodedText, Encoder, Precision};
 
 #[derive(Debug, Args)]
 pub struct EncoderBenchArgs {
@@ -60,6 +60,10 @@ pub struct EncoderBenchArgs {
     /// Python of the venv holding torch and transformers (see benches/peers/README.md).
     #[arg(long, default_value = "/work/peers-venv/bin/python")]
     pub python: PathBuf,
+    /// Precisions of nearspan's encoder to measure, each beside the same peer run
+    /// (default: every precision this CPU supports; the global --precision is not used).
+    #[arg(long, value_delimiter = ',')]
+    pub precisions: Vec<Precision>,
     /// Measure nearspan only.
     #[arg(long)]
     pub no_peer: bool,
@@ -84,8 +88,17 @@ pub fn run(a: EncoderBenchArgs, out: &mut dyn Write) -> Result<()> {
         None => crate::paths::shared_data_dir().join("snips/test/seq.in"),
     };
     let texts = read_texts(&texts_path)?;
-    let encoder = a.model.load()?;
-    let peer = if a.no_peer { None } else { Some(Peer::new(&a, &encoder, &texts_path)?) };
+    let precisions = match a.precisions.as_slice() {
+        [] => [Precision::F32, Precision::Bf16].into_iter().filter(|p| p.is_supported()).collect(),
+        chosen => chosen.to_vec(),
+    };
+    let dir = a.model.dir()?;
+    let encoders = precisions
+        .iter()
+        .map(|&p| Encoder::load_with_precision(&dir, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let encoder = &encoders[0];
+    let peer = if a.no_peer { None } else { Some(Peer::new(&a, encoder, &texts_path)?) };
 
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(a.threads)
@@ -96,24 +109,30 @@ pub fn run(a: EncoderBenchArgs, out: &mut dyn Write) -> Result<()> {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut results = Vec::new();
     for &batch in &a.batch {
-        let load = super::loadavg_1min();
-        let cpu = CpuSample::now();
-        let ours = pool.install(|| measure(&encoder, &refs, batch, a.warmup, a.seconds))?;
-        let mut ours = ours.to_json(a.threads, batch);
-        ours["loadavg_before"] = json!(load);
-        ours["other_processes_cores_busy"] = json!(cpu.and_then(|c| c.others_busy()));
-        let mut row = json!({ "batch": batch, "nearspan": ours });
+        // One row per precision, all beside the same peer run.
+        let mut rows = Vec::new();
+        for encoder in &encoders {
+            let load = super::loadavg_1min();
+            let cpu = CpuSample::now();
+            let ours = pool.install(|| measure(encoder, &refs, batch, a.warmup, a.seconds))?;
+            let mut ours = ours.to_json(a.threads, batch, encoder.precision());
+            ours["loadavg_before"] = json!(load);
+            ours["other_processes_cores_busy"] = json!(cpu.and_then(|c| c.others_busy()));
+            rows.push(json!({ "batch": batch, "precision": encoder.precision().name(), "nearspan": ours }));
+        }
         if let Some(peer) = &peer {
             let load = super::loadavg_1min();
             let cpu = CpuSample::now();
             let mut theirs = peer.measure(batch)?;
             theirs["loadavg_before"] = json!(load);
             theirs["other_processes_cores_busy"] = json!(cpu.and_then(|c| c.others_busy()));
-            row["throughput_ratio"] = ratio(row["nearspan"]["sentences_per_s"].as_f64(), theirs["sentences_per_s"].as_f64());
-            row["latency_ratio"] = ratio(theirs["latency_ms_p50"].as_f64(), row["nearspan"]["latency_ms_p50"].as_f64());
-            row["pytorch"] = theirs;
+            for row in &mut rows {
+                row["throughput_ratio"] = ratio(row["nearspan"]["sentences_per_s"].as_f64(), theirs["sentences_per_s"].as_f64());
+                row["latency_ratio"] = ratio(theirs["latency_ms_p50"].as_f64(), row["nearspan"]["latency_ms_p50"].as_f64());
+                row["pytorch"] = theirs.clone();
+            }
         }
-        results.push(row);
+        results.extend(rows);
     }
 
     let info = encoder.info();
@@ -183,11 +202,12 @@ struct Measurement {
 }
 
 impl Measurement {
-    fn to_json(&self, threads: usize, batch: usize) -> Value {
+    fn to_json(&self, threads: usize, batch: usize, precision: Precision) -> Value {
         let mut lat = self.latencies_ms.clone();
         lat.sort_by(f64::total_cmp);
         json!({
-            "impl": "nearspan (candle, f32, cpu)",
+            "impl": format!("nearspan (packed tokens, {} products, cpu)", precision.name()),
+            "precision": precision.name(),
             "threads": threads,
             "batch": batch,
             "sentences": self.sentences,
@@ -414,19 +434,23 @@ fn write_table(out: &mut dyn Write, report: &Value) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:>5}  {:<9}  {:>9}  {:>9}  {:>8}  {:>8}  {:>11}  {:>6}  {:>7}",
+        "{:>5}  {:<14}  {:>9}  {:>9}  {:>8}  {:>8}  {:>11}  {:>6}  {:>7}",
         "batch", "impl", "sent/s", "tok/s", "p50 ms", "p99 ms", "fwd sent/s", "load1", "others"
     )?;
-    for row in report["results"].as_array().into_iter().flatten() {
+    let rows = report["results"].as_array().map_or(&[][..], Vec::as_slice);
+    for (i, row) in rows.iter().enumerate() {
         let batch = row["batch"].as_u64().unwrap_or(0);
-        for (name, key) in [("nearspan", "nearspan"), ("pytorch", "pytorch")] {
+        // The peer's line once per batch, after its last precision.
+        let last_of_batch = rows.get(i + 1).is_none_or(|next| next["batch"] != row["batch"]);
+        let ours = format!("nearspan {}", row["precision"].as_str().unwrap_or("f32"));
+        for (name, key) in [(ours.as_str(), "nearspan"), ("pytorch", "pytorch")] {
             let r = &row[key];
-            if r.is_null() {
+            if r.is_null() || (key == "pytorch" && !last_of_batch) {
                 continue;
             }
             writeln!(
                 out,
-                "{:>5}  {:<9}  {:>9}  {:>9}  {:>8}  {:>8}  {:>11}  {:>6}  {:>7}",
+                "{:>5}  {:<14}  {:>9}  {:>9}  {:>8}  {:>8}  {:>11}  {:>6}  {:>7}",
                 batch,
                 name,
                 fmt(&r["sentences_per_s"], 1),
@@ -441,8 +465,9 @@ fn write_table(out: &mut dyn Write, report: &Value) -> Result<()> {
         if !row["throughput_ratio"].is_null() {
             writeln!(
                 out,
-                "{:>5}  nearspan/pytorch: throughput x{}, p50 latency x{} (>1: nearspan faster)",
+                "{:>5}  nearspan {}/pytorch: throughput x{}, p50 latency x{} (>1: nearspan faster)",
                 batch,
+                row["precision"].as_str().unwrap_or("f32"),
                 fmt(&row["throughput_ratio"], 2),
                 fmt(&row["latency_ratio"], 2)
             )?;

@@ -7,6 +7,8 @@
 
 mod bert;
 mod config;
+mod inference;
+pub mod matmul;
 pub mod ops;
 mod pooling;
 mod tokenize;
@@ -19,6 +21,8 @@ use tokenizers::Tokenizer;
 
 pub use bert::{BertModel, ForwardMode, LayerNorm};
 pub use config::BertConfig;
+pub use inference::InferenceBert;
+pub use matmul::Precision;
 pub use pooling::{normalize, sentence_vector, span_vector_into, SpanPooling};
 pub use tokenize::TokenizedText;
 
@@ -43,6 +47,8 @@ pub enum EncoderError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: cannot load weights: {source}", .path.display())]
     Weights { path: PathBuf, source: candle_core::Error },
+    #[error("{} precision needs {needs}, which this CPU (or its operating system) does not offer; use f32", .precision.name())]
+    UnsupportedPrecision { precision: Precision, needs: &'static str },
     #[error("model computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -80,8 +86,13 @@ impl EncodedText {
 }
 
 /// Tokenizer + BERT model, on the CPU.
+///
+/// Two forward passes over the same weights: [`BertModel`] (candle tensors, with autograd
+/// for training) and, for encoders loaded for inference, [`InferenceBert`] (packed
+/// tokens, fused passes, f32 or bf16 products), which [`Encoder::encode`] uses.
 pub struct Encoder {
     model: BertModel,
+    inference: Option<InferenceBert>,
     tokenizer: Tokenizer,
     device: Device,
     info: ModelInfo,
@@ -127,18 +138,32 @@ fn sha256_file(path: &Path) -> Result<String, EncoderError> {
 }
 
 impl Encoder {
-    /// Loads a model folder for inference (weights memory-mapped).
+    /// Loads a model folder for inference in f32 (weights memory-mapped).
     pub fn load(dir: &Path) -> Result<Self, EncoderError> {
+        Self::load_with_precision(dir, Precision::F32)
+    }
+
+    /// Loads a model folder for inference with matrix products in `precision`; an error
+    /// if this machine cannot run it.
+    pub fn load_with_precision(dir: &Path, precision: Precision) -> Result<Self, EncoderError> {
+        if !precision.is_supported() {
+            return Err(EncoderError::UnsupportedPrecision { precision, needs: "Intel AMX (AMX-BF16)" });
+        }
         let files = ModelFiles::find(dir)?;
         let device = Device::Cpu;
         // SAFETY: the weights file is mapped read-only; nearspan never writes it while loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &device) }
             .map_err(|source| EncoderError::Weights { path: files.weights.clone(), source })?;
-        Self::load_with(dir, vb)
+        let mut encoder = Self::load_with(dir, vb.clone())?;
+        let inference = InferenceBert::load(vb, &read_config(&files.config)?, precision)
+            .map_err(|source| EncoderError::Weights { path: files.weights.clone(), source })?;
+        encoder.inference = Some(inference);
+        Ok(encoder)
     }
 
     /// Loads the config and tokenizer of `dir` and builds the model from `vb`: the
     /// training code passes a `VarBuilder` over a `VarMap` so the weights are variables.
+    /// Such an encoder encodes with the candle model (its weights change as it trains).
     pub fn load_with(dir: &Path, vb: VarBuilder) -> Result<Self, EncoderError> {
         let files = ModelFiles::find(dir)?;
         let config = read_config(&files.config)?;
@@ -159,7 +184,7 @@ impl Encoder {
             hidden_size: config.hidden_size,
             max_tokens: config.max_position_embeddings,
         };
-        Ok(Self { model, tokenizer, device, info })
+        Ok(Self { model, inference: None, tokenizer, device, info })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -168,6 +193,11 @@ impl Encoder {
 
     pub fn model(&self) -> &BertModel {
         &self.model
+    }
+
+    /// The precision [`Encoder::encode`] computes in.
+    pub fn precision(&self) -> Precision {
+        self.inference.as_ref().map_or(Precision::F32, InferenceBert::precision)
     }
 
     pub fn device(&self) -> &Device {
@@ -212,8 +242,9 @@ impl Encoder {
         Ok(self.model.forward(&ids, &mask, mode)?)
     }
 
-    /// Encodes texts in batches of `batch_size`. Texts are grouped by length so that
-    /// little padding is computed; the output keeps the input order.
+    /// Encodes texts in batches of `batch_size`; the output keeps the input order. (The
+    /// candle path groups texts by length so that little padding is computed; the
+    /// inference path computes no padding at all.)
     pub fn encode(&self, texts: &[&str], batch_size: usize) -> Result<Vec<EncodedText>, EncoderError> {
         let tokenized = self.tokenize_all(texts)?;
         self.encode_tokenized(tokenized, batch_size)
@@ -225,6 +256,17 @@ impl Encoder {
         order.sort_by_key(|&i| tokenized[i].len());
         let mut hidden: Vec<Option<Vec<f32>>> = vec![None; tokenized.len()];
         for chunk in order.chunks(batch_size.max(1)) {
+            if let Some(model) = &self.inference {
+                let ids: Vec<&[u32]> = chunk.iter().map(|&i| tokenized[i].ids.as_slice()).collect();
+                let packed = model.forward(&ids)?;
+                let mut at = 0;
+                for &i in chunk {
+                    let n = tokenized[i].len() * dim;
+                    hidden[i] = Some(packed[at..at + n].to_vec());
+                    at += n;
+                }
+                continue;
+            }
             let batch: Vec<&TokenizedText> = chunk.iter().map(|&i| &tokenized[i]).collect();
             let out = self.forward(&batch, ForwardMode::Inference)?;
             let t = out.dim(1)?;

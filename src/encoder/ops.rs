@@ -49,9 +49,9 @@ use rayon::prelude::*;
 /// (Rust does not contract `a * b + c` into an FMA, so all three compute the same
 /// rounding per element; only the lane order of the 16-lane sums can differ.)
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -71,6 +71,8 @@ macro_rules! multiversion {
         }
     };
 }
+
+pub(crate) use multiversion;
 
 /// The f32 data of a contiguous CPU input.
 fn data<'a>(op: &'static str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -102,7 +104,7 @@ fn rows_per_task(rows: usize, width: usize) -> usize {
 }
 
 /// Runs `f(first_row, out_rows)` over blocks of rows of `out` (rows of `width`) in parallel.
-fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+pub(crate) fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     let block = rows_per_task(out.len() / width.max(1), width);
     out.par_chunks_mut(block * width).enumerate().for_each(|(i, chunk)| f(i * block, chunk));
 }
@@ -154,7 +156,7 @@ fn unpack(packed: &Tensor, first: &Shape, tails: &[usize]) -> Result<Vec<Tensor>
 // reductions keep 16 partial sums (a strict left-to-right sum would not vectorize).
 
 #[inline(always)]
-fn sum(x: &[f32]) -> f32 {
+pub(crate) fn sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let chunks = x.chunks_exact(16);
     let rest = chunks.remainder().iter().sum::<f32>();
@@ -181,7 +183,7 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn max(x: &[f32]) -> f32 {
+pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let chunks = x.chunks_exact(16);
     let rest = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -269,7 +271,7 @@ struct LinearNoBias;
 /// `dst (m x n) = lhs (m x k) @ rhs (k x n)`, each matrix given as (data, row stride,
 /// column stride); on candle's matmul thread count, or on this thread for `serial`.
 /// Panics if a stride reaches past its slice (the borrows already rule out overlap).
-fn gemm_f32(
+pub(crate) fn gemm_f32(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs, dst_cs): (&mut [f32], usize, usize),
     (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
@@ -373,7 +375,7 @@ struct LayerNorm {
 
 /// Mean and `1 / sqrt(var + eps)` of one row.
 #[inline(always)]
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = sum(x) / n;
     let mut acc = [0f32; 16];
@@ -598,7 +600,7 @@ struct BiasGelu {
 }
 
 multiversion! {
-    fn gelu_rows(x: &[f32], b: &[f32], y: &mut [f32]) {
+    pub(crate) fn gelu_rows(x: &[f32], b: &[f32], y: &mut [f32]) {
         let n = b.len();
         for (yr, xr) in y.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
             for ((y, x), b) in yr.iter_mut().zip(xr).zip(b) {

@@ -63,6 +63,71 @@ fn hidden_states_and_pooled_vectors_match_reference_within_1e_4() {
     assert!(worst <= 1e-4, "max abs error {worst} > 1e-4");
 }
 
+/// The inference path (`encode`: packed tokens, fused passes, f32) against the same
+/// reference, texts batched unevenly so that packing several texts of different lengths
+/// is exercised.
+#[test]
+fn inference_path_matches_reference_within_1e_4() {
+    let fx = fixture();
+    let texts: Vec<&str> = fx.sentences.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(encoder().precision(), nearspan::encoder::Precision::F32);
+    let encoded = encoder().encode(&texts, 3).unwrap();
+    let mut worst = 0f32;
+    for (e, s) in encoded.iter().zip(&fx.sentences) {
+        worst = worst.max(max_abs_diff(&e.hidden, &s.last_hidden_state.concat()));
+        worst = worst.max(max_abs_diff(
+            &e.sentence_vector(),
+            &s.mean_pooled_normalized,
+        ));
+    }
+    assert!(worst <= 1e-4, "max abs error {worst} > 1e-4");
+}
+
+/// bf16 products: every token vector and sentence vector of the fixture texts and of 200
+/// SNIPS test utterances stays within the bounds below of f32 (cosine similarity of token
+/// vectors, and of sentence vectors). Skipped where the CPU has no AMX-BF16.
+#[test]
+fn bf16_path_stays_within_tolerance_of_f32() {
+    const TOKEN_COS_MIN: f32 = 0.9998; // measured worst: 0.99996 (1 - cos five times smaller)
+    const SENTENCE_COS_MIN: f32 = 0.9999; // measured worst: 0.99998
+    use nearspan::encoder::{Encoder, Precision};
+    if !Precision::Bf16.is_supported() {
+        eprintln!("bf16 not supported on this CPU: skipped");
+        return;
+    }
+    let bf16 = Encoder::load_with_precision(&crate::common::model_dir(), Precision::Bf16).unwrap();
+    assert_eq!(bf16.precision(), Precision::Bf16);
+    let snips = std::fs::read_to_string(crate::common::shared("snips/test/seq.in")).unwrap();
+    let fx = fixture();
+    let mut texts: Vec<&str> = fx.sentences.iter().map(|s| s.text.as_str()).collect();
+    texts.extend(snips.lines().take(200));
+    let (a, b) = (
+        encoder().encode(&texts, 32).unwrap(),
+        bf16.encode(&texts, 32).unwrap(),
+    );
+    let cos = |x: &[f32], y: &[f32]| {
+        let dot: f32 = x.iter().zip(y).map(|(a, b)| a * b).sum();
+        dot / (x.iter().map(|v| v * v).sum::<f32>().sqrt()
+            * y.iter().map(|v| v * v).sum::<f32>().sqrt())
+    };
+    let (mut worst_token, mut worst_sentence, mut sum_token, mut n) = (1f32, 1f32, 0f64, 0usize);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.tokens, y.tokens);
+        for i in 0..x.tokens.len() {
+            let c = cos(x.token_vector(i), y.token_vector(i));
+            worst_token = worst_token.min(c);
+            sum_token += c as f64;
+            n += 1;
+        }
+        worst_sentence = worst_sentence.min(cos(&x.sentence_vector(), &y.sentence_vector()));
+    }
+    eprintln!("bf16 vs f32: token cosine worst {worst_token} mean {}, sentence cosine worst {worst_sentence}", sum_token / n as f64);
+    assert!(
+        worst_token >= TOKEN_COS_MIN && worst_sentence >= SENTENCE_COS_MIN,
+        "token {worst_token}, sentence {worst_sentence}"
+    );
+}
+
 /// Length-sorted batching (`encode`) must give the same vectors as one text at a time.
 #[test]
 fn batching_and_padding_do_not_change_vectors() {

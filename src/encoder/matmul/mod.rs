@@ -1,0 +1,315 @@
+//! The inference encoder's matrix products, `x @ W^T` for a linear layer's weight `W`
+//! (out x in, as stored), in the precision the user chose ([`Precision`]).
+//!
+//! - `F32`: the `gemm` crate (candle's own CPU matmul), weights as loaded. Exact up to
+//!   summation order: the parity test against PyTorch holds at 1e-4.
+//! - `Bf16`: weights rounded to bfloat16 once at load and packed in the tile layout of
+//!   Intel AMX ([`amx`]); activations rounded to bf16 per product; sums in f32. About 3
+//!   significant digits per operand, so vectors move by about 1e-2 relative (the
+//!   tolerance test in `tests/suite/encoder.rs` bounds it; BENCHMARKS.md gives the
+//!   accuracy cost). Needs a CPU with AMX-BF16; asking for it elsewhere is an error, not
+//!   a silent fallback.
+
+pub mod amx;
+
+use rayon::prelude::*;
+
+/// Numeric precision of the encoder's matrix products at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout (the reference).
+    #[default]
+    F32,
+    /// bf16 weights and activations in the matrix products, f32 sums and everything else.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether this machine can run the precision.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Precision::F32 => true,
+            Precision::Bf16 => amx::available(),
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown precision {other:?}; expected f32 or bf16")),
+        }
+    }
+}
+
+/// A linear layer's weight, ready for [`PackedWeight::matmul`].
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    out_dim: usize,
+    in_dim: usize,
+    data: WeightData,
+}
+
+#[derive(Debug, Clone)]
+enum WeightData {
+    /// (out, in) row-major, as stored in the model file.
+    F32(Vec<f32>),
+    /// AMX B tiles: for each block of 16 outputs `nb` and each 32-deep block of inputs
+    /// `kb`, one 16 x 32 tile at `(nb * k_blocks + kb) * 512` whose row `r` holds, for
+    /// each output `j` of the block, the pair `W[j][kb*32 + 2r]`, `W[j][kb*32 + 2r + 1]`.
+    Bf16(Vec<u16>),
+}
+
+/// The bf16 nearest to `x` (round to nearest, ties to even); NaN stays NaN. Branch-free
+/// so that loops over it vectorize.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((bits >> 16) | 0x40) as u16;
+    if x.is_nan() {
+        quiet_nan
+    } else {
+        rounded
+    }
+}
+
+super::ops::multiversion! {
+    /// `dst[i] = to_bf16(src[i])`.
+    fn to_bf16_slice(src: &[f32], dst: &mut [u16]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = to_bf16(s);
+        }
+    }
+}
+
+#[inline(always)]
+pub fn from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+impl PackedWeight {
+    /// Packs `w` (out_dim x in_dim, row-major). Bf16 needs both sizes to be multiples of
+    /// 32 (every BERT size is); other shapes stay in f32.
+    pub fn new(w: Vec<f32>, out_dim: usize, in_dim: usize, precision: Precision) -> Self {
+        assert_eq!(w.len(), out_dim * in_dim, "weight size");
+        let data = match precision {
+            Precision::Bf16 if amx::available() && out_dim % 32 == 0 && in_dim % 32 == 0 => {
+                WeightData::Bf16(pack_amx(&w, out_dim, in_dim))
+            }
+            _ => WeightData::F32(w),
+        };
+        Self {
+            out_dim,
+            in_dim,
+            data,
+        }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// `out (rows x out_dim) = x (rows x in_dim) @ W^T`, split over the rayon pool.
+    pub fn matmul(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        assert!(
+            x.len() >= rows * self.in_dim && out.len() >= rows * self.out_dim,
+            "matmul: buffers too small"
+        );
+        if rows == 0 {
+            return;
+        }
+        match &self.data {
+            WeightData::F32(w) => super::ops::gemm_f32(
+                (rows, self.out_dim, self.in_dim),
+                (&mut out[..rows * self.out_dim], self.out_dim, 1),
+                (&x[..rows * self.in_dim], self.in_dim, 1),
+                (w, 1, self.in_dim),
+                false,
+            ),
+            WeightData::Bf16(b) => matmul_amx(b, x, rows, self.in_dim, self.out_dim, out),
+        }
+    }
+}
+
+fn pack_amx(w: &[f32], n: usize, k: usize) -> Vec<u16> {
+    let k_blocks = k / 32;
+    let mut packed = vec![0u16; n * k];
+    for nb in 0..n / 16 {
+        for kb in 0..k_blocks {
+            let tile = &mut packed[(nb * k_blocks + kb) * 512..][..512];
+            for r in 0..16 {
+                for j in 0..16 {
+                    let row = &w[(nb * 16 + j) * k + kb * 32 + 2 * r..];
+                    tile[r * 32 + 2 * j] = to_bf16(row[0]);
+                    tile[r * 32 + 2 * j + 1] = to_bf16(row[1]);
+                }
+            }
+        }
+    }
+    packed
+}
+
+/// A raw pointer that rayon tasks may share: each task writes a disjoint set of columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint column blocks of the output (see `matmul_amx`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+fn matmul_amx(b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
+    debug_assert!(amx::available());
+    let k_blocks = k / 32;
+    let padded = rows.next_multiple_of(32);
+    // A in bf16, zero rows below `rows` so the last block reads defined values.
+    let mut a = vec![0u16; padded * k];
+    a[..rows * k]
+        .par_chunks_mut(64 * k)
+        .zip(x[..rows * k].par_chunks(64 * k))
+        .for_each(|(a, x)| to_bf16_slice(x, a));
+    let column_pairs = n / 32;
+    let tasks = rayon::current_num_threads().clamp(1, column_pairs);
+    let per_task = column_pairs.div_ceil(tasks);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let a = &a;
+    (0..column_pairs)
+        .into_par_iter()
+        .step_by(per_task)
+        .for_each(move |first| {
+            let out_ptr = out_ptr;
+            let mut edge = [0f32; 32 * 32];
+            // SAFETY: `available()` held when the weights were packed for AMX (PackedWeight
+            // only packs bf16 when asked for Bf16, which `Encoder` checks is supported); every
+            // pointer stays inside its buffer: A has `padded` rows of k, B has n/16 column
+            // blocks of `k_blocks` tiles, C rows below `rows` go to `edge`.
+            unsafe {
+                amx::configure();
+                for pair in first..(first + per_task).min(column_pairs) {
+                    let b0 = b.as_ptr().add(2 * pair * k_blocks * 512);
+                    let b1 = b0.add(k_blocks * 512);
+                    for m0 in (0..padded).step_by(32) {
+                        let a_block = a.as_ptr().add(m0 * k);
+                        if m0 + 32 <= rows {
+                            amx::block_32x32(
+                                a_block,
+                                k,
+                                b0,
+                                b1,
+                                k_blocks,
+                                out_ptr.0.add(m0 * n + pair * 32),
+                                n,
+                            );
+                        } else {
+                            amx::block_32x32(a_block, k, b0, b1, k_blocks, edge.as_mut_ptr(), 32);
+                            for r in 0..rows - m0 {
+                                std::ptr::copy_nonoverlapping(
+                                    edge.as_ptr().add(r * 32),
+                                    out_ptr.0.add((m0 + r) * n + pair * 32),
+                                    32,
+                                );
+                            }
+                        }
+                    }
+                }
+                amx::release();
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize, round: bool) -> Vec<f32> {
+        let r = |v: f32| if round { from_bf16(to_bf16(v)) } else { v };
+        let mut out = vec![0f32; rows * n];
+        for i in 0..rows {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| r(x[i * k + p]) as f64 * r(w[j * k + p]) as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+    }
+
+    #[test]
+    fn f32_matmul_matches_a_plain_loop() {
+        let (rows, k, n) = (7, 64, 48);
+        let (x, w) = (rand(rows * k, 1), rand(n * k, 2));
+        let mut out = vec![0f32; rows * n];
+        PackedWeight::new(w.clone(), n, k, Precision::F32).matmul(&x, rows, &mut out);
+        let want = reference(&x, &w, rows, k, n, false);
+        let err = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-4, "{err}");
+    }
+
+    /// The AMX product equals the exact product of the bf16-rounded operands (up to f32
+    /// summation order), for row counts below, at and past the 32-row block, and for
+    /// shapes that are not square. Skipped on CPUs without AMX.
+    #[test]
+    fn amx_matmul_is_the_exact_product_of_the_rounded_operands() {
+        if !amx::available() {
+            eprintln!("no AMX-BF16 here: skipped");
+            return;
+        }
+        for &(rows, k, n) in &[
+            (1, 32, 32),
+            (5, 384, 64),
+            (32, 64, 96),
+            (45, 128, 32),
+            (70, 96, 160),
+        ] {
+            let (x, w) = (rand(rows * k, rows as u64), rand(n * k, 7 + n as u64));
+            let mut out = vec![f32::NAN; rows * n];
+            PackedWeight::new(w.clone(), n, k, Precision::Bf16).matmul(&x, rows, &mut out);
+            let want = reference(&x, &w, rows, k, n, true);
+            let err = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-4, "{rows}x{k}x{n}: {err}");
+        }
+    }
+}
