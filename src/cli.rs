@@ -290,6 +290,8 @@ pub enum BenchCommand {
     Full(crate::bench::full::FullArgs),
     /// End-to-end query latency and throughput.
     Query(crate::bench::query::QueryBenchArgs),
+    /// HNSW single-query latency and recall@1 at 10^6 synthetic vectors, against exact search.
+    Hnsw(crate::bench::hnsw::HnswBenchArgs),
     /// Intent accuracy and out-of-scope recall on CLINC150.
     Clinc(crate::bench::clinc::ClincArgs),
     /// Encoder throughput and latency, side by side with the PyTorch peer.
@@ -313,6 +315,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Bench(BenchCommand::Fewshot(a)) => crate::bench::fewshot::run(a, out),
         Command::Bench(BenchCommand::Full(a)) => crate::bench::full::run(a, out),
         Command::Bench(BenchCommand::Query(a)) => crate::bench::query::run(a, out),
+        Command::Bench(BenchCommand::Hnsw(a)) => crate::bench::hnsw::run(a, out),
         Command::Bench(BenchCommand::Clinc(a)) => crate::bench::clinc::run(a, out),
         Command::Bench(BenchCommand::Encoder(a)) => crate::bench::encoder::run(a, out),
         Command::Bench(BenchCommand::TrainStep(a)) => crate::bench::train_step::run(a, out),

@@ -6,6 +6,7 @@ pub mod encoder;
 pub mod fewshot;
 pub mod finetune;
 pub mod full;
+pub mod hnsw;
 pub mod query;
 pub mod train_step;
 

@@ -1,0 +1,98 @@
+//! `SpanIndex::search_spans` over 100,000 clustered 384-dim span vectors (the generator
+//! of `nearspan bench hnsw`: 1,000 centres, noise 0.8, seed 42), exact and usearch with
+//! the default HNSW parameters (M 16, efConstruction 128, ef 64): one query at a time
+//! with k = 10, and `search_spans_batch` of 45 queries with k = 10, the labeler's call
+//! for a median SNIPS utterance (45 candidate spans).
+//!
+//! The usearch graph takes about a minute to build on 2 cores, so the index is saved to
+//! `target/bench-cache/index_query_100k.nsi` and opened by later runs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use nearspan::bench::hnsw::Clusters;
+use nearspan_index::{BackendKind, EncoderInfo, HnswParams, NewSpan, SpanIndex};
+
+const N: usize = 100_000;
+const BATCH: usize = 45;
+const DATA: Clusters = Clusters { dim: 384, centres: 1000, noise: 0.8, seed: 42 };
+
+fn encoder_info() -> EncoderInfo {
+    let d = DATA;
+    EncoderInfo {
+        model_id: "synthetic-clusters".into(),
+        revision: format!("n{N}-c{}-noise{}-seed{}", d.centres, d.noise, d.seed),
+        pooling: "none".into(),
+        max_width: 1,
+        dim: d.dim as u32,
+    }
+}
+
+/// All vectors as spans of one example, added in one call: with `Auto` the index then
+/// switches to usearch once, inserting every vector in parallel (span by span would
+/// insert on one thread).
+fn build(backend: BackendKind, vectors: &[f32]) -> SpanIndex {
+    let mut index = SpanIndex::new(encoder_info(), backend, HnswParams::default()).unwrap();
+    let labels: Vec<String> = (0..40).map(|i| format!("slot{i}")).collect();
+    let spans: Vec<(NewSpan<'_>, &[f32])> = vectors
+        .chunks_exact(DATA.dim)
+        .enumerate()
+        .map(|(i, v)| (NewSpan { label: &labels[i % labels.len()], start: 0, end: 0, text: "" }, v))
+        .collect();
+    index.add_example("synthetic", None, &vectors[..DATA.dim], &spans).unwrap();
+    index
+}
+
+/// The cached usearch index if it holds these vectors, else a fresh build, saved.
+fn usearch_index(vectors: &[f32]) -> SpanIndex {
+    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-cache/index_query_100k.nsi");
+    let same = |index: &SpanIndex| {
+        index.n_spans() == N
+            && index.span_vector(0) == &vectors[..DATA.dim]
+            && index.span_vector(N as u32 - 1) == &vectors[(N - 1) * DATA.dim..]
+    };
+    if let Ok(index) = SpanIndex::open(&path, Some(&encoder_info())) {
+        if same(&index) {
+            return index;
+        }
+    }
+    eprintln!("building the usearch index of {N} vectors (cached in {})", path.display());
+    let index = build(BackendKind::Auto, vectors);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    index.save(&path).unwrap();
+    index
+}
+
+fn search(c: &mut Criterion) {
+    let vectors = DATA.index_vectors(N);
+    let queries = DATA.queries(200);
+    let dim = DATA.dim;
+    let exact = build(BackendKind::Exact, &vectors);
+    let usearch = usearch_index(&vectors);
+    assert_eq!(usearch.backend(), BackendKind::Usearch);
+
+    let mut g = c.benchmark_group("index_query_100k");
+    // Exact search over 10^5 rows takes milliseconds per query.
+    g.sampling_mode(SamplingMode::Flat);
+    for (name, index) in [("exact", &exact), ("usearch", &usearch)] {
+        g.throughput(Throughput::Elements(1));
+        let mut next = queries.chunks_exact(dim).cycle();
+        g.bench_function(BenchmarkId::new("search_spans_k10", name), |b| {
+            b.iter(|| index.search_spans(next.next().unwrap(), 10))
+        });
+        g.throughput(Throughput::Elements(BATCH as u64));
+        let batch = &queries[..BATCH * dim];
+        g.bench_function(BenchmarkId::new(format!("search_spans_batch{BATCH}_k10"), name), |b| {
+            b.iter(|| index.search_spans_batch(batch, 10))
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = search
+}
+criterion_main!(benches);
