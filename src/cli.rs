@@ -290,6 +290,8 @@ pub enum BenchCommand {
     Full(crate::bench::full::FullArgs),
     /// End-to-end query latency and throughput.
     Query(crate::bench::query::QueryBenchArgs),
+    /// The whole speed picture: encoder vs PyTorch, end-to-end query, HNSW at 10^6, matmul GFLOP/s.
+    Speed(crate::bench::speed::SpeedArgs),
     /// HNSW single-query latency and recall@1 at 10^6 synthetic vectors, against exact search.
     Hnsw(crate::bench::hnsw::HnswBenchArgs),
     /// Intent accuracy and out-of-scope recall on CLINC150.
@@ -316,6 +318,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Bench(BenchCommand::Full(a)) => crate::bench::full::run(a, out),
         Command::Bench(BenchCommand::Query(a)) => crate::bench::query::run(a, out),
         Command::Bench(BenchCommand::Hnsw(a)) => crate::bench::hnsw::run(a, out),
+        Command::Bench(BenchCommand::Speed(a)) => crate::bench::speed::run(a, out),
         Command::Bench(BenchCommand::Clinc(a)) => crate::bench::clinc::run(a, out),
         Command::Bench(BenchCommand::Encoder(a)) => crate::bench::encoder::run(a, out),
         Command::Bench(BenchCommand::TrainStep(a)) => crate::bench::train_step::run(a, out),
@@ -533,6 +536,8 @@ mod tests {
             &["bench", "query", "--index", "i", "--data", "d"],
             &["bench", "encoder", "--precisions", "f32,bf16"],
             &["bench", "train-step"],
+            &["bench", "hnsw", "--n", "1000"],
+            &["bench", "speed", "--query-index", "i", "--skip-hnsw"],
             &["encode", "--precision", "bf16", "hello"],
         ];
         for line in lines {

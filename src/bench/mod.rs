@@ -8,6 +8,7 @@ pub mod finetune;
 pub mod full;
 pub mod hnsw;
 pub mod query;
+pub mod speed;
 pub mod train_step;
 
 use std::path::Path;
