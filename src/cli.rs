@@ -353,6 +353,11 @@ fn data_stats(path: &Path, format: Option<Format>, out: &mut dyn Write) -> Resul
 
 /// Loads the examples of one split of any dataset (`preferred` when several).
 pub(crate) fn load_examples(path: &Path, split: Option<&str>, preferred: &str) -> Result<Vec<Example>> {
+    Ok(load_split(path, split, preferred)?.1.examples)
+}
+
+/// [`load_examples`] with the dataset's format and the split's name and source path.
+pub(crate) fn load_split(path: &Path, split: Option<&str>, preferred: &str) -> Result<(Format, data::Split)> {
     let mut dataset = data::load(path, None)?;
     let names: Vec<String> = dataset.splits.iter().map(|s| s.name.clone()).collect();
     let position = |name: &str| names.iter().position(|n| n == name);
@@ -363,7 +368,7 @@ pub(crate) fn load_examples(path: &Path, split: Option<&str>, preferred: &str) -
             .with_context(|| format!("{}: several splits {names:?}; choose one with --split", path.display()))?,
     };
     // Move the split out rather than copying every example.
-    Ok(dataset.splits.swap_remove(chosen).examples)
+    Ok((dataset.format, dataset.splits.swap_remove(chosen)))
 }
 
 fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {
