@@ -501,7 +501,7 @@ fn eval(a: EvalArgs, out: &mut dyn Write) -> Result<()> {
         }
         _ => match (&a.baseline, &a.data) {
             (Some(dir), Some(data_path)) => {
-                let encoder = Encoder::load(dir)?;
+                let encoder = Encoder::load_with_precision(dir, a.model.precision)?;
                 let model = crate::train::baseline::JointModel::load(&encoder, dir)?;
                 let gold = load_examples(data_path, a.split.as_deref(), "test")?;
                 train::joint_score(&model, &gold, a.settings.batch_size)?.1

@@ -242,6 +242,27 @@ impl Encoder {
         Ok(self.model.forward(&ids, &mask, mode)?)
     }
 
+    /// Last hidden state (b, t, hidden) of a batch padded to its longest text, from the
+    /// inference pass when this encoder has one (padding rows are zero), else from the
+    /// candle model in inference mode. For callers that want a tensor (the baseline's
+    /// classifier heads).
+    pub fn hidden_states(&self, batch: &[&TokenizedText]) -> Result<Tensor, EncoderError> {
+        let Some(model) = &self.inference else {
+            return self.forward(batch, ForwardMode::Inference);
+        };
+        let (dim, t) = (self.info.hidden_size, batch.iter().map(|x| x.len()).max().unwrap_or(0));
+        let ids: Vec<&[u32]> = batch.iter().map(|x| x.ids.as_slice()).collect();
+        let packed = model.forward(&ids)?;
+        let mut padded = vec![0f32; batch.len() * t * dim];
+        let mut at = 0;
+        for (row, item) in batch.iter().enumerate() {
+            let n = item.len() * dim;
+            padded[row * t * dim..row * t * dim + n].copy_from_slice(&packed[at..at + n]);
+            at += n;
+        }
+        Ok(Tensor::from_vec(padded, (batch.len(), t, dim), &self.device)?)
+    }
+
     /// Encodes texts in batches of `batch_size`; the output keeps the input order. (The
     /// candle path groups texts by length so that little padding is computed; the
     /// inference path computes no padding at all.)

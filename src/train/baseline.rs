@@ -255,7 +255,7 @@ impl<'a> JointModel<'a> {
         let mut out: Vec<Option<Prediction>> = vec![None; examples.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let batch: Vec<&TokenizedText> = chunk.iter().map(|&i| &tokens[i]).collect();
-            let hidden = self.encoder.forward(&batch, ForwardMode::Inference)?;
+            let hidden = self.encoder.hidden_states(&batch)?;
             let (b, t, h) = hidden.dims3()?;
             let flat = hidden.reshape((b * t, h))?;
             let probs = |head: &Linear, rows: &[u32]| -> candle_core::Result<Vec<Vec<f32>>> {
