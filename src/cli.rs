@@ -117,11 +117,19 @@ pub struct BuildArgs {
     /// exact, hnsw-rs, usearch or auto (exact while small).
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
     pub backend: BackendKind,
+    /// Precision of the HNSW graph's copy of the vectors (usearch): f32, or bf16 for half
+    /// the memory and about twice the search speed (BENCHMARKS.md: the accuracy cost).
+    #[arg(long, default_value = "f32")]
+    pub graph_precision: nearspan_index::GraphPrecision,
 }
 
 impl BuildArgs {
     pub(crate) fn config(&self) -> BuildConfig {
         BuildConfig { max_width: self.max_width, pooling: self.pooling, index_o_spans: !self.no_o_spans }
+    }
+
+    pub(crate) fn hnsw_params(&self) -> HnswParams {
+        HnswParams { graph_precision: self.graph_precision, ..HnswParams::default() }
     }
 }
 
@@ -377,7 +385,7 @@ fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {
             let encoder = model.load()?;
             let examples = load_examples(&examples, split.as_deref(), "train")?;
             let cfg = build.config();
-            let mut index = SpanIndex::new(labeler::encoder_info(&encoder, &cfg), build.backend, HnswParams::default())?;
+            let mut index = SpanIndex::new(labeler::encoder_info(&encoder, &cfg), build.backend, build.hnsw_params())?;
             labeler::add_examples(&encoder, &mut index, &examples, &cfg, crate::encoder::DEFAULT_BATCH_SIZE)?;
             index.save(&path)?;
             writeln!(out, "built {}: {} examples, {} spans, {} labels", path.display(), index.n_examples(), index.n_spans(), index.n_labels())?;
@@ -403,6 +411,7 @@ fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {
                 "labels": index.labels().collect::<Vec<_>>(),
                 "encoder": {"model": e.model_id, "revision": e.revision, "pooling": e.pooling, "max_width": e.max_width, "dim": e.dim},
                 "backend": index.backend().to_string(),
+                "hnsw": index.params(),
                 "o_spans": index.label_id(labeler::O_LABEL).is_some(),
             });
             writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;

@@ -117,6 +117,7 @@ fn main() {
         ef_construction: arg(&args, "--ef-construction", 128),
         ef_search: efs[0],
         seed: arg(&args, "--seed", 42),
+        ..HnswParams::default()
     };
     let seed = params.seed;
     let threads = rayon::current_num_threads();

@@ -38,8 +38,9 @@ use serde::{Deserialize, Serialize};
 use crate::{BackendKind, EncoderInfo, ExampleRecord, HnswParams, IndexError, SpanRecord};
 
 pub(crate) const MAGIC: &[u8; 8] = b"NSPANIDX";
-/// The format version this build writes.
-pub const CURRENT_VERSION: u16 = 1;
+/// The format version this build writes. Version 2 added `HnswParams::graph_precision`
+/// to the metadata; version 1 files read as f32 graphs.
+pub const CURRENT_VERSION: u16 = 2;
 /// The oldest format version this build reads.
 pub const OLDEST_SUPPORTED_VERSION: u16 = 1;
 pub(crate) const HEADER_LEN: usize = 56;
@@ -61,6 +62,45 @@ pub(crate) struct Meta {
     pub labels: Vec<String>,
     pub examples: Vec<ExampleRecord>,
     pub spans: Vec<SpanRecord>,
+}
+
+/// Version 1's metadata: the same but for [`HnswParams::graph_precision`].
+#[derive(Debug, Deserialize)]
+struct MetaV1 {
+    encoder: EncoderInfo,
+    backend: BackendKind,
+    params: HnswParamsV1,
+    labels: Vec<String>,
+    examples: Vec<ExampleRecord>,
+    spans: Vec<SpanRecord>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HnswParamsV1 {
+    m: usize,
+    ef_construction: usize,
+    ef_search: usize,
+    seed: u64,
+}
+
+impl From<MetaV1> for Meta {
+    fn from(v1: MetaV1) -> Meta {
+        let p = v1.params;
+        Meta {
+            encoder: v1.encoder,
+            backend: v1.backend,
+            params: HnswParams {
+                m: p.m,
+                ef_construction: p.ef_construction,
+                ef_search: p.ef_search,
+                seed: p.seed,
+                graph_precision: crate::GraphPrecision::F32,
+            },
+            labels: v1.labels,
+            examples: v1.examples,
+            spans: v1.spans,
+        }
+    }
 }
 
 /// A graph section: its kind tag and bytes.
@@ -205,8 +245,12 @@ pub(crate) fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<Decoded<'a>, In
     let mut r = Reader { buf: &content[HEADER_LEN..], pos: 0, path };
     let meta_len = r.u64("metadata")?;
     let meta_bytes = r.take(meta_len, "metadata")?;
-    let (meta, used): (Meta, usize) = bincode::serde::decode_from_slice(meta_bytes, bincode_config())
-        .map_err(|e| corrupt(format!("metadata: {e}")))?;
+    let (meta, used): (Meta, usize) = if version == 1 {
+        bincode::serde::decode_from_slice::<MetaV1, _>(meta_bytes, bincode_config()).map(|(m, used)| (m.into(), used))
+    } else {
+        bincode::serde::decode_from_slice(meta_bytes, bincode_config())
+    }
+    .map_err(|e| corrupt(format!("metadata: {e}")))?;
     if used != meta_bytes.len() {
         return Err(corrupt(format!("metadata: {} trailing bytes", meta_bytes.len() - used)));
     }

@@ -23,18 +23,19 @@
 //! # On-disk format (little endian)
 //!
 //! ```text
-//! 0   8  magic "NSPANIDX"     8  2  format_version (1)   10  2  reserved (0)
+//! 0   8  magic "NSPANIDX"     8  2  format_version (2)   10  2  reserved (0)
 //! 12  4  dim                  16 4  n_spans              20  4  n_labels
 //! 24 32  encoder fingerprint: sha256(model id, revision, pooling, max_width)
 //! 56 ..  body: u64-length-prefixed sections: metadata (bincode 2 + serde: encoder info,
-//!        backend, HNSW params, labels, examples, spans), span vectors (raw f32),
+//!        backend, HNSW params incl. graph precision since v2, labels, examples, spans),
+//!        span vectors (raw f32),
 //!        utterance vectors (raw f32), span graph, utterance graph (USearch only)
 //! end-4  crc32 of everything before it
 //! ```
 //! Readers accept versions [`OLDEST_SUPPORTED_VERSION`]`..=`[`CURRENT_VERSION`].
 //! [`SpanIndex::save`] is atomic (temp file in the same directory, fsync, rename, fsync
-//! of the directory). `tests/data/index_v1.nsi` is a committed v1 file that must stay
-//! readable.
+//! of the directory). `tests/data/index_v1.nsi` and `index_v2.nsi` are committed files of each
+//! version that must stay readable.
 //!
 //! ```
 //! use nearspan_index::*;
@@ -155,13 +156,47 @@ pub struct HnswParams {
     /// own fixed-seed generators, so sequential builds are reproducible whatever this is;
     /// parallel builds (graph rebuilt on open, Auto upgrade) are not bit-reproducible.
     pub seed: u64,
+    /// Precision of the graph's own copy of the vectors (USearch only; the stored vectors
+    /// and exact search stay f32). Bf16 halves the graph's memory and, since HNSW search
+    /// is bound by fetching vectors from memory, about halves search time, at about 1e-3
+    /// error in each similarity (BENCHMARKS.md: recall and F1 with each).
+    pub graph_precision: GraphPrecision,
+}
+
+/// See [`HnswParams::graph_precision`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GraphPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::fmt::Display for GraphPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GraphPrecision::F32 => "f32",
+            GraphPrecision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for GraphPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(GraphPrecision::F32),
+            "bf16" => Ok(GraphPrecision::Bf16),
+            other => Err(format!("unknown graph precision {other:?}; expected f32 or bf16")),
+        }
+    }
 }
 
 impl Default for HnswParams {
     /// `M = 16, efConstruction = 128, ef = 64`: recall@1 >= 0.98 on clustered
     /// 384-dim vectors up to 10^5 (see `examples/ann_compare.rs`).
     fn default() -> Self {
-        HnswParams { m: 16, ef_construction: 128, ef_search: 64, seed: 0x5eed }
+        HnswParams { m: 16, ef_construction: 128, ef_search: 64, seed: 0x5eed, graph_precision: GraphPrecision::F32 }
     }
 }
 

@@ -348,9 +348,9 @@ mod format {
         bytes[8..10].copy_from_slice(&99u16.to_le_bytes());
         fs::write(&path, &bytes).unwrap();
         let e = SpanIndex::open(&path, None).unwrap_err();
-        assert!(matches!(e, IndexError::UnsupportedVersion { found: 99, current: 1, .. }), "{e}");
+        assert!(matches!(e, IndexError::UnsupportedVersion { found: 99, current: CURRENT_VERSION, .. }), "{e}");
         let msg = e.to_string();
-        assert!(msg.contains("v99") && msg.contains("v1"), "{msg}");
+        assert!(msg.contains("v99") && msg.contains(&format!("v{CURRENT_VERSION}")), "{msg}");
         bytes[8..10].copy_from_slice(&0u16.to_le_bytes());
         let e = SpanIndex::from_bytes(&bytes, None).unwrap_err();
         assert!(matches!(e, IndexError::UnsupportedVersion { found: 0, .. }), "{e}");
@@ -471,15 +471,46 @@ mod live {
         let hit = opened.search_spans(opened.span_vector(1234), 1)[0];
         assert!((hit.similarity - 1.0).abs() < 1e-4);
     }
+
+    /// A bf16 USearch graph: it survives save and open (precision included), finds the
+    /// exact nearest neighbour for nearly every query, and its similarities stay within
+    /// bf16's rounding of the exact ones.
+    #[cfg(feature = "usearch")]
+    #[test]
+    fn bf16_graph_round_trips_and_stays_close_to_exact() {
+        let mut rng = seeded("bf16_graph");
+        let (dim, n) = (64, 3000);
+        let params = HnswParams { graph_precision: GraphPrecision::Bf16, ..HnswParams::default() };
+        let mut index = SpanIndex::new(enc("e", dim as u32), BackendKind::Usearch, params).unwrap();
+        let vs = clustered(n, dim, 30, 0.5, &mut rng);
+        let spans: Vec<_> = vs.chunks_exact(dim).map(|v| (NewSpan { label: "x", start: 0, end: 1, text: "x" }, v)).collect();
+        index.add_example("t", None, &vs[..dim], &spans).unwrap();
+        let opened = SpanIndex::from_bytes(&index.to_bytes().unwrap(), None).unwrap();
+        assert_eq!(opened.params().graph_precision, GraphPrecision::Bf16);
+        let queries = clustered(200, dim, 30, 0.5, &mut rng);
+        let (mut found, mut worst) = (0, 0f32);
+        for q in queries.chunks_exact(dim) {
+            let exact = nearspan_index::backend::exact::exact_search(&vs, dim, q, 1)[0][0];
+            let hit = opened.search_spans(q, 1)[0];
+            found += usize::from(hit.id == exact.id);
+            let truth: f32 = q.iter().zip(opened.span_vector(hit.id)).map(|(a, b)| a * b).sum();
+            worst = worst.max((hit.similarity - truth).abs());
+        }
+        assert!(found >= 190, "recall@1 {found}/200");
+        assert!(worst < 1e-2, "similarity error {worst}");
+    }
 }
 
 mod compat {
     use super::*;
     use std::path::PathBuf;
 
-    fn data_path() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/index_v1.nsi")
+    fn data_path(version: u16) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/data/index_v{version}.nsi"))
     }
+
+    const FIXTURE_PARAMS: HnswParams =
+        HnswParams { m: 8, ef_construction: 32, ef_search: 16, seed: 7, graph_precision: GraphPrecision::F32 };
 
     /// The fixture: toy 4-dim vectors, three examples, exact backend.
     fn fixture() -> SpanIndex {
@@ -490,8 +521,7 @@ mod compat {
             max_width: 4,
             dim: 4,
         };
-        let params = HnswParams { m: 8, ef_construction: 32, ef_search: 16, seed: 7 };
-        let mut index = SpanIndex::new(encoder, BackendKind::Exact, params).unwrap();
+        let mut index = SpanIndex::new(encoder, BackendKind::Exact, FIXTURE_PARAMS).unwrap();
         let s = |x: f32, y: f32, z: f32, w: f32| {
             let mut v = vec![x, y, z, w];
             normalize(&mut v);
@@ -525,18 +555,20 @@ mod compat {
         index
     }
 
-    /// Regenerate the committed file: `cargo test --release -p nearspan-index -- --ignored write_compat_v1`.
-    /// Only do this together with a format version bump, keeping the old file.
+    /// Write the committed file of the current version:
+    /// `cargo test --release -p nearspan-index -- --ignored write_compat_current`.
+    /// Only together with a format version bump, keeping the older files.
     #[test]
     #[ignore]
-    fn write_compat_v1() {
-        fixture().save(&data_path()).unwrap();
+    fn write_compat_current() {
+        fixture().save(&data_path(CURRENT_VERSION)).unwrap();
     }
 
     /// The header's version is readable on its own, and a non-index file is refused.
     #[test]
     fn file_format_version_reads_the_header() {
-        assert_eq!(file_format_version(&data_path()).unwrap(), 1);
+        assert_eq!(file_format_version(&data_path(1)).unwrap(), 1);
+        assert_eq!(file_format_version(&data_path(2)).unwrap(), 2);
         let dir = tempfile::tempdir().unwrap();
         let other = dir.path().join("notes.txt");
         std::fs::write(&other, "hello, not an index").unwrap();
@@ -546,16 +578,23 @@ mod compat {
         assert!(matches!(file_format_version(&short), Err(IndexError::Corrupt { .. })));
     }
 
-    /// Format v1 stays readable forever.
+    /// Every committed format version stays readable forever; v1 (before graph
+    /// precision existed) reads as an f32 graph.
     #[test]
-    fn compat_v1() {
-        let index = SpanIndex::open(&data_path(), None).expect("tests/data/index_v1.nsi must open");
+    fn compat_v1_and_v2() {
+        for version in [1, 2] {
+            let index = SpanIndex::open(&data_path(version), None).unwrap_or_else(|e| panic!("index_v{version}.nsi must open: {e}"));
+            check_fixture(&index);
+        }
+    }
+
+    fn check_fixture(index: &SpanIndex) {
         assert_eq!(index.encoder().model_id, "nearspan/toy-encoder");
         assert_eq!(index.encoder().dim, 4);
         assert_eq!(index.backend(), BackendKind::Exact);
         assert_eq!((index.n_examples(), index.n_spans(), index.n_labels()), (3, 4, 3));
         assert_eq!(index.labels().collect::<Vec<_>>(), ["from_city", "to_city", "O"]);
-        assert_eq!(index.params(), &HnswParams { m: 8, ef_construction: 32, ef_search: 16, seed: 7 });
+        assert_eq!(index.params(), &FIXTURE_PARAMS);
         let s = index.span(1);
         assert_eq!((index.label(s.label), s.start, s.end, s.text.as_str(), s.example), ("to_city", 19, 25, "denver", ExampleId(0)));
         assert_eq!(index.example(ExampleId(2)).text, "what is the weather");
@@ -567,11 +606,12 @@ mod compat {
         assert_eq!(index.search_utterances(&[0.0, 0.0, 0.0, 1.0], 1)[0].id, 2);
     }
 
-    /// This build still writes exactly v1: if this fails, the format changed. Bump
-    /// `CURRENT_VERSION`, keep `index_v1.nsi` and add an `index_v2.nsi`.
+    /// This build still writes exactly v2: if this fails, the format changed. Bump
+    /// `CURRENT_VERSION`, keep the committed files and add one for the new version.
     #[test]
-    fn writer_still_produces_v1_bytes() {
-        let committed = std::fs::read(data_path()).unwrap();
+    fn writer_still_produces_v2_bytes() {
+        assert_eq!(CURRENT_VERSION, 2);
+        let committed = std::fs::read(data_path(2)).unwrap();
         assert_eq!(fixture().to_bytes().unwrap(), committed);
         assert!(committed.len() < 4096, "fixture is {} bytes", committed.len());
     }

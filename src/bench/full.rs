@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser};
-use nearspan_index::{HnswParams, SpanIndex};
+use nearspan_index::SpanIndex;
 
 use crate::cli::train::TrainCommand;
 use crate::cli::{load_examples, BuildArgs};
@@ -144,7 +144,7 @@ fn retrieval_on_test(dir: &Path, data: &Path, build: &BuildArgs, out: &mut dyn W
     let encoder = Encoder::load(dir)?;
     let build_cfg = build.config();
     let train = load_examples(data, Some("train"), "train")?;
-    let mut index = SpanIndex::new(labeler::encoder_info(&encoder, &build_cfg), build.backend, HnswParams::default())?;
+    let mut index = SpanIndex::new(labeler::encoder_info(&encoder, &build_cfg), build.backend, build.hnsw_params())?;
     labeler::add_examples(&encoder, &mut index, &train, &build_cfg, 64).context("indexing the train split")?;
     writeln!(out, "indexed {} train examples ({} spans) in {:.0} s", train.len(), index.n_spans(), t.elapsed().as_secs_f64())?;
     let base = QueryConfig::default();

@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use nearspan_index::backend::{exact::exact_search, new_backend, AnnBackend, UsearchBackend, Vectors};
-use nearspan_index::{BackendKind, HnswParams, Neighbor};
+use nearspan_index::{BackendKind, GraphPrecision, HnswParams, Neighbor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -66,6 +66,9 @@ pub struct HnswBenchArgs {
     /// HNSW `efConstruction`.
     #[arg(long, default_value_t = HnswParams::default().ef_construction)]
     pub ef_construction: usize,
+    /// Precision of the graph's copy of the vectors: f32 or bf16 (half the memory traffic).
+    #[arg(long, default_value = "f32")]
+    pub graph_precision: GraphPrecision,
     /// `ef` values to measure (comma-separated); the headline is the smallest whose
     /// recall@1 reaches --target-recall.
     #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,192,256,384,512")]
@@ -192,6 +195,7 @@ pub struct HnswReport {
     pub backend: String,
     pub m: usize,
     pub ef_construction: usize,
+    pub graph_precision: GraphPrecision,
     pub target_recall: f64,
     /// The smallest ef whose recall@1 reaches the target (None: none did).
     pub headline_ef: Option<usize>,
@@ -224,6 +228,9 @@ struct CacheKey {
     data: Clusters,
     m: usize,
     ef_construction: usize,
+    /// Absent in caches written before graph precision existed: those are f32.
+    #[serde(default)]
+    graph_precision: GraphPrecision,
     /// sha256 of the first row of every generator block and of the last row: catches a
     /// generator whose output changed (e.g. a new `rand`) while the parameters did not.
     data_fingerprint: String,
@@ -243,8 +250,18 @@ impl HnswBench {
     pub fn default_cache_path(&self) -> PathBuf {
         let d = &self.data;
         PathBuf::from("target/bench-cache").join(format!(
-            "hnsw-{}x{}-c{}-noise{}-seed{}-m{}-efc{}.usearch",
-            self.n, d.dim, d.centres, d.noise, d.seed, self.params.m, self.params.ef_construction
+            "hnsw-{}x{}-c{}-noise{}-seed{}-m{}-efc{}{}.usearch",
+            self.n,
+            d.dim,
+            d.centres,
+            d.noise,
+            d.seed,
+            self.params.m,
+            self.params.ef_construction,
+            match self.params.graph_precision {
+                GraphPrecision::F32 => "",
+                GraphPrecision::Bf16 => "-bf16",
+            }
         ))
     }
 
@@ -275,6 +292,7 @@ impl HnswBench {
             data: self.data,
             m: self.params.m,
             ef_construction: self.params.ef_construction,
+            graph_precision: self.params.graph_precision,
             data_fingerprint: fingerprint(&vectors),
         };
         let cached = match &self.cache {
@@ -328,6 +346,7 @@ impl HnswBench {
             backend: backend.kind().to_string(),
             m: self.params.m,
             ef_construction: self.params.ef_construction,
+            graph_precision: self.params.graph_precision,
             target_recall: self.target_recall,
             headline_ef,
             per_ef: rows,
@@ -462,7 +481,13 @@ pub fn run(a: HnswBenchArgs, out: &mut dyn Write) -> Result<()> {
         n: a.n,
         queries: a.queries,
         data: Clusters { dim: a.dim, centres: a.centres, noise: a.noise, seed: a.seed },
-        params: HnswParams { m: a.m, ef_construction: a.ef_construction, ef_search: a.ef[0], ..HnswParams::default() },
+        params: HnswParams {
+            m: a.m,
+            ef_construction: a.ef_construction,
+            ef_search: a.ef[0],
+            graph_precision: a.graph_precision,
+            ..HnswParams::default()
+        },
         efs: a.ef.clone(),
         target_recall: a.target_recall,
         cache: None,

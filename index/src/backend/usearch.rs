@@ -8,7 +8,7 @@
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use super::{sort_hits, AnnBackend, Vectors};
-use crate::{BackendKind, HnswParams, IndexError, Neighbor};
+use crate::{BackendKind, GraphPrecision, HnswParams, IndexError, Neighbor};
 
 pub struct UsearchBackend {
     index: Index,
@@ -28,7 +28,10 @@ impl UsearchBackend {
         let options = IndexOptions {
             dimensions: dim,
             metric: MetricKind::IP,
-            quantization: ScalarKind::F32,
+            quantization: match params.graph_precision {
+                GraphPrecision::F32 => ScalarKind::F32,
+                GraphPrecision::Bf16 => ScalarKind::BF16,
+            },
             connectivity: params.m,
             expansion_add: params.ef_construction,
             expansion_search: params.ef_search,
