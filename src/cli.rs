@@ -208,9 +208,20 @@ pub struct QuerySettings {
     /// Texts per encoder batch.
     #[arg(long, default_value_t = crate::encoder::DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=4096).map(|v| v as usize))]
     pub batch_size: usize,
+    /// HNSW search list size (ef) for this run; default: the index's own (64 unless built
+    /// otherwise). Smaller is faster and misses more neighbours; no effect on exact search.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
+    pub ef: Option<usize>,
 }
 
 impl QuerySettings {
+    /// Applies the index-side settings (`--ef`).
+    pub(crate) fn apply(&self, index: &mut SpanIndex) {
+        if let Some(ef) = self.ef {
+            index.set_ef_search(ef);
+        }
+    }
+
     pub(crate) fn config(&self) -> Result<QueryConfig> {
         if !(-1.0..=1.0).contains(&self.threshold) {
             bail!("--threshold {} is not a cosine similarity (expected -1..=1)", self.threshold);
@@ -450,7 +461,8 @@ fn read_query_examples(a: &QueryArgs) -> Result<Vec<Example>> {
 fn query(a: QueryArgs, out: &mut dyn Write) -> Result<()> {
     let cfg = a.settings.config()?;
     let encoder = a.model.load()?;
-    let index = open_index(&a.index, &encoder)?;
+    let mut index = open_index(&a.index, &encoder)?;
+    a.settings.apply(&mut index);
     let build = build_config(&index)?;
     let examples = read_query_examples(&a)?;
     let predictions = labeler::label_examples(&encoder, &index, &examples, &build, &cfg)?;
@@ -498,7 +510,8 @@ fn eval(a: EvalArgs, out: &mut dyn Write) -> Result<()> {
         (None, None, Some(index_path), Some(data_path)) => {
             let cfg = a.settings.config()?;
             let encoder = a.model.load()?;
-            let index = open_index(index_path, &encoder)?;
+            let mut index = open_index(index_path, &encoder)?;
+            a.settings.apply(&mut index);
             let build = build_config(&index)?;
             let gold = load_examples(data_path, a.split.as_deref(), "test")?;
             let predictions = labeler::label_examples(&encoder, &index, &gold, &build, &cfg)?;

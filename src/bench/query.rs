@@ -105,7 +105,8 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
     pin_candle_threads(a.threads);
 
     let encoder = a.model.load()?;
-    let index = crate::cli::open_index(&a.index, &encoder)?;
+    let mut index = crate::cli::open_index(&a.index, &encoder)?;
+    a.settings.apply(&mut index);
     let build = crate::cli::build_config(&index)?;
     let (format, test) = crate::cli::load_split(&a.data, a.split.as_deref(), "test")?;
     if test.examples.is_empty() {
@@ -207,7 +208,8 @@ fn measure_ours(
     let predictions = labeler::label_examples(encoder, index, examples, build, cfg)?;
     let batch_s = t.elapsed().as_secs_f64();
     let report = json!({
-        "impl": "nearspan (candle, f32, cpu)",
+        "impl": format!("nearspan ({} encoder products, {} graph, cpu)", encoder.precision().name(), index.params().graph_precision),
+        "ef_search": index.params().ef_search,
         "query_p50_ms": round(super::percentile(&latencies, 50.0), 3),
         "query_p99_ms": round(super::percentile(&latencies, 99.0), 3),
         "query_throughput_utt_per_s": round(predictions.len() as f64 / batch_s, 2),

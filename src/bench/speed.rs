@@ -46,6 +46,9 @@ pub struct SpeedArgs {
     /// Leave out the HNSW part (its first run builds a 10^6-vector graph: about 20 min on 2 cores; later runs load it).
     #[arg(long)]
     pub skip_hnsw: bool,
+    /// Graph precision of the HNSW part (bf16: half the memory traffic per distance).
+    #[arg(long, default_value = "bf16")]
+    pub hnsw_graph_precision: nearspan_index::GraphPrecision,
     /// Leave out the end-to-end query part (also left out when no --query-index is given).
     #[arg(long)]
     pub skip_query: bool,
@@ -145,7 +148,12 @@ pub fn run(a: SpeedArgs, out: &mut dyn Write) -> Result<()> {
     // The HNSW part merges its own keys into the same file; the summary is merged after it.
     if !a.skip_hnsw {
         writeln!(out, "== HNSW at 10^6 ==")?;
-        let args = vec!["--out".to_string(), a.out.display().to_string()];
+        let args = vec![
+            "--out".to_string(),
+            a.out.display().to_string(),
+            "--graph-precision".to_string(),
+            a.hnsw_graph_precision.to_string(),
+        ];
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(a.threads)
             .build()?;
