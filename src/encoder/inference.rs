@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::config::BertConfig;
 use super::matmul::{PackedWeight, Precision};
-use super::ops::{exp_f32, gelu_rows, max, multiversion, par_rows, row_stats, sum};
+use super::ops::{exp_f32, gelu_rows, layer_norm_rows, max, multiversion, par_rows, row_stats, sum};
 
 /// Layer norm parameters.
 #[derive(Debug, Clone)]
@@ -204,7 +204,8 @@ impl InferenceBert {
     /// Word + position + token-type embeddings, layer-normalized, into `x`.
     fn embed(&self, texts: &[&[u32]], x: &mut [f32]) {
         let h = self.hidden;
-        let mut rows = x.chunks_exact_mut(h);
+        let mut sums = vec![0f32; x.len()];
+        let mut rows = sums.chunks_exact_mut(h);
         for text in texts {
             for (pos, (&id, row)) in text.iter().zip(&mut rows).enumerate() {
                 let (w, p) = (
@@ -216,8 +217,8 @@ impl InferenceBert {
                 }
             }
         }
-        let zeros = vec![0f32; x.len()];
-        bias_residual_norm(&zeros, &vec![0f32; h], x, &self.embedding_norm);
+        let norm = &self.embedding_norm;
+        par_rows(x, h, |row0, out| layer_norm_rows(&sums[row0 * h..row0 * h + out.len()], &norm.weight, &norm.bias, out, norm.eps));
     }
 }
 

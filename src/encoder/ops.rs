@@ -392,7 +392,7 @@ pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
 
 multiversion! {
     /// Layer norm of the rows of `x` into `y` (rows of `w.len()`).
-    fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
+    pub(crate) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
         let n = w.len();
         let b = &b[..n];
         for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
