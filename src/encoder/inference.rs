@@ -201,6 +201,20 @@ impl InferenceBert {
         Ok(x)
     }
 
+    /// [`InferenceBert::forward`] split back into one (tokens x hidden) row block per text.
+    pub fn forward_per_text(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let packed = self.forward(texts)?;
+        let mut rest = packed.as_slice();
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let (rows, tail) = rest.split_at(t.len() * self.hidden);
+                rest = tail;
+                rows.to_vec()
+            })
+            .collect())
+    }
+
     /// Word + position + token-type embeddings, layer-normalized, into `x`.
     fn embed(&self, texts: &[&[u32]], x: &mut [f32]) {
         let h = self.hidden;

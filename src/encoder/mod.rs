@@ -252,13 +252,9 @@ impl Encoder {
         };
         let (dim, t) = (self.info.hidden_size, batch.iter().map(|x| x.len()).max().unwrap_or(0));
         let ids: Vec<&[u32]> = batch.iter().map(|x| x.ids.as_slice()).collect();
-        let packed = model.forward(&ids)?;
         let mut padded = vec![0f32; batch.len() * t * dim];
-        let mut at = 0;
-        for (row, item) in batch.iter().enumerate() {
-            let n = item.len() * dim;
-            padded[row * t * dim..row * t * dim + n].copy_from_slice(&packed[at..at + n]);
-            at += n;
+        for (row, rows) in model.forward_per_text(&ids)?.iter().enumerate() {
+            padded[row * t * dim..row * t * dim + rows.len()].copy_from_slice(rows);
         }
         Ok(Tensor::from_vec(padded, (batch.len(), t, dim), &self.device)?)
     }
@@ -279,12 +275,8 @@ impl Encoder {
         for chunk in order.chunks(batch_size.max(1)) {
             if let Some(model) = &self.inference {
                 let ids: Vec<&[u32]> = chunk.iter().map(|&i| tokenized[i].ids.as_slice()).collect();
-                let packed = model.forward(&ids)?;
-                let mut at = 0;
-                for &i in chunk {
-                    let n = tokenized[i].len() * dim;
-                    hidden[i] = Some(packed[at..at + n].to_vec());
-                    at += n;
+                for (&i, rows) in chunk.iter().zip(model.forward_per_text(&ids)?) {
+                    hidden[i] = Some(rows);
                 }
                 continue;
             }
