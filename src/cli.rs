@@ -289,6 +289,10 @@ pub struct EvalArgs {
     /// folder) and score the result.
     #[arg(long, requires = "data", conflicts_with_all = ["index", "model"])]
     pub baseline: Option<PathBuf>,
+    /// How --baseline turns per-word tag probabilities into tags: constrained (the best
+    /// sequence with no I-x outside an x slot) or argmax (each word alone).
+    #[arg(long, value_enum, default_value_t = crate::train::baseline::TagDecoding::default(), requires = "baseline")]
+    pub tag_decoding: crate::train::baseline::TagDecoding,
     /// Labeled data in any supported format.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -524,7 +528,8 @@ fn eval(a: EvalArgs, out: &mut dyn Write) -> Result<()> {
         _ => match (&a.baseline, &a.data) {
             (Some(dir), Some(data_path)) => {
                 let encoder = Encoder::load_with_precision(dir, a.model.precision)?;
-                let model = crate::train::baseline::JointModel::load(&encoder, dir)?;
+                let mut model = crate::train::baseline::JointModel::load(&encoder, dir)?;
+                model.set_tag_decoding(a.tag_decoding);
                 let gold = load_examples(data_path, a.split.as_deref(), "test")?;
                 train::joint_score(&model, &gold, a.settings.batch_size)?.1
             }

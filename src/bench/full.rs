@@ -41,6 +41,9 @@ pub struct FullArgs {
     pub baseline_epochs: f64,
     #[arg(long, default_value_t = 5e-5)]
     pub baseline_lr: f64,
+    /// The baseline's tag decoding (see `nearspan eval --help`).
+    #[arg(long, value_enum, default_value_t = crate::train::baseline::TagDecoding::default())]
+    pub tag_decoding: crate::train::baseline::TagDecoding,
     /// Epochs when the retriever is trained here.
     #[arg(long, default_value_t = 1.0)]
     pub retriever_epochs: f64,
@@ -94,7 +97,7 @@ pub fn run(a: FullArgs, out: &mut dyn Write) -> Result<()> {
                         run.join("model")
                     }
                 };
-                baseline_on_test(&dir, &a.data, out)?
+                baseline_on_test(&dir, &a.data, a.tag_decoding, out)?
             }
             "retrieval" => {
                 let dir = match &a.retriever {
@@ -116,15 +119,16 @@ pub fn run(a: FullArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn baseline_on_test(dir: &Path, data: &Path, out: &mut dyn Write) -> Result<serde_json::Value> {
+fn baseline_on_test(dir: &Path, data: &Path, decoding: crate::train::baseline::TagDecoding, out: &mut dyn Write) -> Result<serde_json::Value> {
     let encoder = Encoder::load(dir)?;
-    let model = crate::train::baseline::JointModel::load(&encoder, dir)?;
+    let mut model = crate::train::baseline::JointModel::load(&encoder, dir)?;
+    model.set_tag_decoding(decoding);
     let test = load_examples(data, Some("test"), "test")?;
     let t = std::time::Instant::now();
     let (_, report) = crate::cli::train::joint_score(&model, &test, 64)?;
     let r = percent(&report);
     writeln!(out, "baseline on test: {r}")?;
-    Ok(serde_json::json!({"model": dir, "test": r, "intent_acc": r["intent_acc"], "slot_f1": r["slot_f1"], "frame_acc": r["frame_acc"], "seconds": t.elapsed().as_secs_f64().round()}))
+    Ok(serde_json::json!({"model": dir, "tag_decoding": decoding, "test": r, "intent_acc": r["intent_acc"], "slot_f1": r["slot_f1"], "frame_acc": r["frame_acc"], "seconds": t.elapsed().as_secs_f64().round()}))
 }
 
 /// Threshold and non-slot margin grids tried on dev.

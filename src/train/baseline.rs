@@ -16,8 +16,12 @@
 //! (pass [`JointModel::labels_json`] as an `extra` file). [`JointModel::load`] reads such
 //! a folder back.
 //!
-//! Decoding is conlleval's: a slot is a maximal `B-x I-x*` run, and an `I-x` after `O`
-//! or after another label starts a new slot (a model, unlike gold data, can emit one).
+//! Tags are chosen per word by [`TagDecoding`]: `constrained` (the default) takes the
+//! most probable sequence in which every `I-x` follows `B-x` or `I-x` (a Viterbi pass
+//! over the per-word probabilities, as BIO taggers' constrained decoders do); `argmax`
+//! takes each word's most probable tag alone. Reading tags as slots is conlleval's: a
+//! slot is a maximal `B-x I-x*` run, and an `I-x` after `O` or after another label
+//! starts a new slot (argmax decoding, unlike gold data, can emit one).
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -108,6 +112,17 @@ pub fn bio_spans<S: AsRef<str>>(tags: &[S]) -> Vec<(String, Range<usize>)> {
     spans
 }
 
+/// How the slot head's per-word probabilities become tags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TagDecoding {
+    /// The most probable tag sequence with no `I-x` that does not continue an `x` slot.
+    #[default]
+    Constrained,
+    /// Each word's most probable tag, independently (JointBERT's decoding).
+    Argmax,
+}
+
 /// The encoder with an intent head and a slot head.
 pub struct JointModel<'a> {
     encoder: &'a Encoder,
@@ -116,6 +131,7 @@ pub struct JointModel<'a> {
     slot_head: Linear,
     labels: JointLabels,
     tags: Vec<String>,
+    decoding: TagDecoding,
 }
 
 fn candle(what: impl Into<String>) -> impl FnOnce(candle_core::Error) -> TrainError {
@@ -164,7 +180,7 @@ impl<'a> JointModel<'a> {
         let intent_head = if labels.intents.is_empty() { None } else { Some(add(INTENT_HEAD, labels.intents.len())?) };
         let slot_head = add(SLOT_HEAD, tags.len())?;
         drop(data);
-        Ok(Self { encoder, intent_head, slot_head, labels, tags })
+        Ok(Self { encoder, intent_head, slot_head, labels, tags, decoding: TagDecoding::default() })
     }
 
     /// Loads a trained baseline model folder: `model.safetensors` holds the encoder and
@@ -215,11 +231,20 @@ impl<'a> JointModel<'a> {
         };
         let intent_head = if labels.intents.is_empty() { None } else { Some(head(INTENT_HEAD, labels.intents.len(), "intents")?) };
         let slot_head = head(SLOT_HEAD, tags.len(), "BIO tags")?;
-        Ok(Self { encoder, intent_head, slot_head, labels, tags })
+        Ok(Self { encoder, intent_head, slot_head, labels, tags, decoding: TagDecoding::default() })
     }
 
     pub fn encoder(&self) -> &'a Encoder {
         self.encoder
+    }
+
+    /// Chooses how [`Self::predict`] turns tag probabilities into tags.
+    pub fn set_tag_decoding(&mut self, decoding: TagDecoding) {
+        self.decoding = decoding;
+    }
+
+    pub fn tag_decoding(&self) -> TagDecoding {
+        self.decoding
     }
 
     pub fn labels(&self) -> &JointLabels {
@@ -282,18 +307,17 @@ impl<'a> JointModel<'a> {
                     let (k, score) = argmax(p);
                     IntentPrediction { label: self.labels.intents[k].clone(), score, neighbours: Vec::new() }
                 });
-                let mut word_tags: Vec<&str> = Vec::with_capacity(ex.words.len());
-                let mut word_scores: Vec<f32> = Vec::with_capacity(ex.words.len());
-                for r in &aligned[row] {
-                    if r.is_empty() {
-                        word_tags.push(O_LABEL);
-                        word_scores.push(1.0);
-                    } else {
-                        let (k, p) = argmax(next_word.next().expect("one probability row per aligned word"));
-                        word_tags.push(&self.tags[k]);
-                        word_scores.push(p);
-                    }
-                }
+                // One probability row per word; a word without sub-tokens is `O` for sure.
+                let word_probs: Vec<Option<&[f32]>> = aligned[row]
+                    .iter()
+                    .map(|r| (!r.is_empty()).then(|| next_word.next().expect("one probability row per aligned word").as_slice()))
+                    .collect();
+                let chosen = match self.decoding {
+                    TagDecoding::Argmax => word_probs.iter().map(|p| p.map_or(0, |p| argmax(p).0)).collect(),
+                    TagDecoding::Constrained => constrained_tags(&word_probs, &self.tags),
+                };
+                let word_tags: Vec<&str> = chosen.iter().map(|&k| self.tags[k].as_str()).collect();
+                let word_scores: Vec<f32> = chosen.iter().zip(&word_probs).map(|(&k, p)| p.map_or(1.0, |p| p[k])).collect();
                 let slots = bio_spans(&word_tags)
                     .into_iter()
                     .map(|(label, w)| {
@@ -315,6 +339,64 @@ impl<'a> JointModel<'a> {
         }
         Ok(out.into_iter().map(|p| p.expect("every example is in one batch")).collect())
     }
+}
+
+/// The most probable tag sequence (sum of log-probabilities) in which every `I-x` follows
+/// `B-x` or `I-x`. `words[i]` is word i's probability row over `tags` (`O` at index 0),
+/// `None` for a word that must be `O`. Linear in words × tags: an `I-x` has two possible
+/// predecessors, any other tag takes the best of all.
+fn constrained_tags(words: &[Option<&[f32]>], tags: &[String]) -> Vec<usize> {
+    let n_tags = tags.len();
+    // For I-x at index k: the indices of B-x and I-x.
+    let inside_of: Vec<Option<[usize; 2]>> = tags
+        .iter()
+        .enumerate()
+        .map(|(k, tag)| {
+            let label = tag.strip_prefix("I-")?;
+            let begin = tags.iter().position(|t| t.strip_prefix("B-") == Some(label))?;
+            Some([begin, k])
+        })
+        .collect();
+    let log = |p: f32| p.max(1e-30).ln();
+    let mut score = vec![f64::NEG_INFINITY; n_tags];
+    let mut back: Vec<Vec<usize>> = Vec::with_capacity(words.len());
+    for (i, probs) in words.iter().enumerate() {
+        let mut next = vec![f64::NEG_INFINITY; n_tags];
+        let mut from = vec![0usize; n_tags];
+        // The best previous tag of any kind (ties: the lowest index, so `O` first).
+        let best_prev = (0..n_tags).fold(0, |b, k| if score[k] > score[b] { k } else { b });
+        for k in 0..n_tags {
+            let emit = match probs {
+                Some(p) => log(p[k]) as f64,
+                None if k == 0 => 0.0,
+                None => continue,
+            };
+            let (prev, prev_score) = match (i, inside_of[k]) {
+                (0, Some(_)) => continue,
+                (0, None) => (0, 0.0),
+                (_, Some(pair)) => {
+                    let p = if score[pair[1]] > score[pair[0]] { pair[1] } else { pair[0] };
+                    (p, score[p])
+                }
+                (_, None) => (best_prev, score[best_prev]),
+            };
+            if prev_score.is_finite() {
+                next[k] = prev_score + emit;
+                from[k] = prev;
+            }
+        }
+        score = next;
+        back.push(from);
+    }
+    let mut out = vec![0usize; words.len()];
+    if let Some(last) = words.len().checked_sub(1) {
+        let mut k = (0..n_tags).fold(0, |b, k| if score[k] > score[b] { k } else { b });
+        for i in (0..=last).rev() {
+            out[i] = k;
+            k = back[i][k];
+        }
+    }
+    out
 }
 
 /// Index and value of the largest entry (the first on ties).
@@ -527,6 +609,64 @@ mod tests {
         assert_eq!(labels.bio_tags(), ["O", "B-artist", "I-artist", "B-time", "I-time"]);
         let back: JointLabels = serde_json::from_str(&serde_json::to_string(&labels).unwrap()).unwrap();
         assert_eq!(back, labels);
+    }
+
+    fn tags(labels: &[&str]) -> Vec<String> {
+        JointLabels { intents: Vec::new(), slots: labels.iter().map(|s| s.to_string()).collect() }.bio_tags()
+    }
+
+    #[test]
+    fn constrained_decoding_never_starts_a_slot_with_inside() {
+        // Tags: O, B-a, I-a, B-b, I-b. Word 1 prefers I-b after B-a: argmax gives B-a I-b,
+        // the constrained decoder the best legal pair.
+        let t = tags(&["a", "b"]);
+        let w0 = [0.1, 0.8, 0.0, 0.1, 0.0];
+        let w1 = [0.05, 0.0, 0.4, 0.0, 0.55];
+        let words = [Some(&w0[..]), Some(&w1[..])];
+        assert_eq!(constrained_tags(&words, &t), [1, 2]); // 0.8 * 0.4 beats 0.1 * 0.55 and 0.8 * 0.05
+        // First word cannot be I-.
+        let w = [0.2, 0.0, 0.8, 0.0, 0.0];
+        assert_eq!(constrained_tags(&[Some(&w[..])], &t), [0]);
+        // A word without sub-tokens is O, and breaks a run.
+        let b = [0.0, 0.9, 0.1, 0.0, 0.0];
+        let i = [0.3, 0.0, 0.7, 0.0, 0.0];
+        assert_eq!(constrained_tags(&[Some(&b[..]), None, Some(&i[..])], &t), [1, 0, 0]);
+        assert_eq!(constrained_tags(&[Some(&b[..]), Some(&i[..])], &t), [1, 2]);
+        assert!(constrained_tags(&[], &t).is_empty());
+    }
+
+    #[test]
+    fn constrained_decoding_is_the_best_legal_sequence() {
+        // Brute force over all legal sequences of 4 words and 7 tags.
+        let t = tags(&["a", "b", "c"]);
+        let mut rng = Rng::new(7);
+        for _ in 0..20 {
+            let rows: Vec<Vec<f32>> = (0..4)
+                .map(|_| {
+                    let raw: Vec<f32> = (0..t.len()).map(|_| rng.unit() + 1e-3).collect();
+                    let sum: f32 = raw.iter().sum();
+                    raw.iter().map(|x| x / sum).collect()
+                })
+                .collect();
+            let words: Vec<Option<&[f32]>> = rows.iter().map(|r| Some(r.as_slice())).collect();
+            let legal = |seq: &[usize]| {
+                seq.iter().enumerate().all(|(i, &k)| match t[k].strip_prefix("I-") {
+                    Some(l) => i > 0 && t[seq[i - 1]].get(2..) == Some(l),
+                    None => true,
+                })
+            };
+            let score = |seq: &[usize]| seq.iter().zip(&rows).map(|(&k, r)| (r[k] as f64).ln()).sum::<f64>();
+            let mut best = (f64::NEG_INFINITY, Vec::new());
+            for code in 0..t.len().pow(4) {
+                let seq: Vec<usize> = (0..4).map(|i| code / t.len().pow(i) % t.len()).collect();
+                if legal(&seq) && score(&seq) > best.0 {
+                    best = (score(&seq), seq);
+                }
+            }
+            let got = constrained_tags(&words, &t);
+            assert!(legal(&got), "{got:?}");
+            assert!((score(&got) - best.0).abs() < 1e-9, "{got:?} vs {:?}", best.1);
+        }
     }
 
     #[test]
