@@ -2,7 +2,8 @@
 //! of `nearspan bench hnsw`: 1,000 centres, noise 0.8, seed 42), exact and usearch with
 //! the default HNSW parameters (M 16, efConstruction 128, ef 64): one query at a time
 //! with k = 10, and `search_spans_batch` of 45 queries with k = 10, the labeler's call
-//! for a median SNIPS utterance (45 candidate spans).
+//! for a median SNIPS utterance (45 candidate spans). And `search_spans_among` (the
+//! `--prefilter` path): the same 45 queries among the spans of 64 examples of 50 spans.
 //!
 //! The usearch graph takes about a minute to build on 2 cores, so the index is saved to
 //! `target/bench-cache/index_query_100k.nsi` and opened by later runs.
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use nearspan::bench::hnsw::Clusters;
-use nearspan_index::{BackendKind, EncoderInfo, HnswParams, NewSpan, SpanIndex};
+use nearspan_index::{BackendKind, EncoderInfo, ExampleId, HnswParams, NewSpan, SpanIndex};
 
 const N: usize = 100_000;
 const BATCH: usize = 45;
@@ -43,6 +44,22 @@ fn build(backend: BackendKind, vectors: &[f32]) -> SpanIndex {
     index.add_example("synthetic", None, &vectors[..DATA.dim], &spans).unwrap();
     index
 }
+
+/// The vectors as examples of [`SPANS_PER_EXAMPLE`] spans each, exact search.
+fn build_grouped(vectors: &[f32]) -> SpanIndex {
+    let mut index = SpanIndex::new(encoder_info(), BackendKind::Exact, HnswParams::default()).unwrap();
+    for (e, group) in vectors.chunks(SPANS_PER_EXAMPLE * DATA.dim).enumerate() {
+        let spans: Vec<(NewSpan<'_>, &[f32])> = group
+            .chunks_exact(DATA.dim)
+            .map(|v| (NewSpan { label: "slot", start: 0, end: 0, text: "" }, v))
+            .collect();
+        index.add_example(&format!("example {e}"), None, &group[..DATA.dim], &spans).unwrap();
+    }
+    index
+}
+
+const SPANS_PER_EXAMPLE: usize = 50;
+const PREFILTER: u32 = 64;
 
 /// The cached usearch index if it holds these vectors, else a fresh build, saved.
 fn usearch_index(vectors: &[f32]) -> SpanIndex {
@@ -87,6 +104,14 @@ fn search(c: &mut Criterion) {
             b.iter(|| index.search_spans_batch(batch, 10))
         });
     }
+    let grouped = build_grouped(&vectors);
+    // 64 examples spread over the index, as the nearest utterances would be.
+    let chosen: Vec<ExampleId> = (0..PREFILTER).map(|i| ExampleId(i * 31 % grouped.n_examples() as u32)).collect();
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let batch = &queries[..BATCH * dim];
+    g.bench_function(BenchmarkId::new(format!("search_spans_among{PREFILTER}_batch{BATCH}_k10"), "exact"), |b| {
+        b.iter(|| grouped.search_spans_among(batch, 10, &chosen))
+    });
     g.finish();
 }
 

@@ -98,6 +98,9 @@ pub struct SpanIndex {
     label_ids: HashMap<String, LabelId>,
     examples: Vec<ExampleRecord>,
     spans: Vec<SpanRecord>,
+    /// The spans of example `i` are rows `span_offsets[i]..span_offsets[i + 1]`: spans are
+    /// stored grouped by example, in example order.
+    span_offsets: Vec<u32>,
     span_set: Collection,
     utt_set: Collection,
 }
@@ -141,6 +144,7 @@ impl SpanIndex {
             label_ids: HashMap::new(),
             examples: Vec::new(),
             spans: Vec::new(),
+            span_offsets: vec![0],
             span_set,
             utt_set,
         })
@@ -180,6 +184,7 @@ impl SpanIndex {
             self.spans.push(SpanRecord { example, label, start: s.start, end: s.end, text: s.text.to_string() });
             self.span_set.add(v)?;
         }
+        self.span_offsets.push(self.spans.len() as u32);
         self.maybe_upgrade()?;
         Ok(example)
     }
@@ -229,6 +234,37 @@ impl SpanIndex {
     pub fn search_spans_batch(&self, queries: &[f32], k: usize) -> Vec<Vec<Neighbor>> {
         self.assert_query(queries.len());
         self.span_set.backend.search_batch(&self.span_set.vectors, queries, k)
+    }
+
+    /// [`search_spans_batch`](Self::search_spans_batch) restricted to the spans of
+    /// `examples`, searched exactly (their rows are scanned in place). With the examples
+    /// nearest the whole utterance this is a two-stage search that needs no span graph
+    /// (`nearspan query --prefilter`). Unknown example ids are ignored.
+    pub fn search_spans_among(&self, queries: &[f32], k: usize, examples: &[ExampleId]) -> Vec<Vec<Neighbor>> {
+        let ranges: Vec<std::ops::Range<u32>> =
+            examples.iter().filter(|e| (e.0 as usize) < self.examples.len()).map(|&e| self.example_spans(e)).collect();
+        self.search_spans_in(queries, k, &ranges)
+    }
+
+    /// Exact search among the spans whose ids lie in `ranges` (half-open; ids past the
+    /// end are ignored). For choosing spans more finely than by example.
+    pub fn search_spans_in(&self, queries: &[f32], k: usize, ranges: &[std::ops::Range<u32>]) -> Vec<Vec<Neighbor>> {
+        self.assert_query(queries.len());
+        let n = self.spans.len();
+        let ranges: Vec<std::ops::Range<usize>> = ranges
+            .iter()
+            .map(|r| {
+                let start = (r.start as usize).min(n);
+                start..(r.end as usize).clamp(start, n)
+            })
+            .collect();
+        crate::backend::exact::exact_search_ranges(self.span_set.vectors.as_slice(), self.encoder.dim as usize, queries, &ranges, k)
+    }
+
+    /// The span ids of example `id`'s spans. Panics if out of range.
+    pub fn example_spans(&self, id: ExampleId) -> std::ops::Range<u32> {
+        let i = id.0 as usize;
+        self.span_offsets[i]..self.span_offsets[i + 1]
     }
 
     /// The `k` examples whose utterance vectors are most similar to `query`;
@@ -370,6 +406,8 @@ impl SpanIndex {
         let span_set = collection(d.span_vectors, d.span_graph)?;
         let utt_set = collection(d.utt_vectors, d.utt_graph)?;
         let label_ids = meta.labels.iter().enumerate().map(|(i, l)| (l.clone(), LabelId(i as u32))).collect();
+        let span_offsets = span_offsets(&meta.spans, meta.examples.len())
+            .map_err(|detail| IndexError::Corrupt { path: path.to_path_buf(), detail })?;
         Ok(SpanIndex {
             encoder: meta.encoder,
             requested: meta.backend,
@@ -378,8 +416,29 @@ impl SpanIndex {
             label_ids,
             examples: meta.examples,
             spans: meta.spans,
+            span_offsets,
             span_set,
             utt_set,
         })
     }
+}
+
+/// Where each example's spans start, from span records that must be grouped by example
+/// in example order (as [`SpanIndex::add_example`] writes them).
+fn span_offsets(spans: &[SpanRecord], n_examples: usize) -> Result<Vec<u32>, String> {
+    let mut offsets = Vec::with_capacity(n_examples + 1);
+    offsets.push(0u32);
+    for (i, s) in spans.iter().enumerate() {
+        let e = s.example.0 as usize;
+        if e + 1 < offsets.len() {
+            return Err(format!("span {i} belongs to example {e}, which an earlier span already passed"));
+        }
+        while offsets.len() <= e {
+            offsets.push(i as u32);
+        }
+    }
+    while offsets.len() <= n_examples {
+        offsets.push(spans.len() as u32);
+    }
+    Ok(offsets)
 }

@@ -120,6 +120,52 @@ mod exact {
         assert_eq!(index.search_utterances(&queries[..dim as usize], 3).len(), 3);
     }
 
+    /// Search among chosen examples' spans equals a naive search of just those spans,
+    /// with examples of 0 to 3 spans, before and after a save/load round trip (which
+    /// rebuilds the example -> spans map), on every backend.
+    #[test]
+    fn search_among_examples_matches_naive() {
+        let mut rng = seeded("search_among_examples_matches_naive");
+        let dim = 16usize;
+        let vs = clustered(400, dim, 10, 0.6, &mut rng);
+        for kind in all_kinds() {
+            let mut index = SpanIndex::new(enc("toy", dim as u32), kind, HnswParams::default()).unwrap();
+            let mut next = 0;
+            for i in 0..60 {
+                let utt = vs[next * dim..(next + 1) * dim].to_vec();
+                next += 1;
+                let spans: Vec<(NewSpan<'_>, &[f32])> = (0..i % 4)
+                    .map(|j| {
+                        next += 1;
+                        (NewSpan { label: LABELS[j], start: 0, end: 1, text: "x" }, &vs[(next - 1) * dim..next * dim])
+                    })
+                    .collect();
+                index.add_example(&format!("u{i}"), None, &utt, &spans).unwrap();
+            }
+            let chosen = [ExampleId(3), ExampleId(0), ExampleId(57), ExampleId(59), ExampleId(4), ExampleId(1000)];
+            let queries = clustered(5, dim, 10, 0.6, &mut rng);
+            let reloaded = SpanIndex::from_bytes(&index.to_bytes().unwrap(), None).unwrap();
+            for idx in [&index, &reloaded] {
+                assert_eq!(idx.example_spans(ExampleId(0)), 0..0);
+                assert_eq!(idx.example_spans(ExampleId(3)), 3..6);
+                let got = idx.search_spans_among(&queries, 4, &chosen);
+                let allowed: Vec<u32> = chosen[..5].iter().flat_map(|&e| idx.example_spans(e)).collect();
+                assert_eq!(allowed.len(), 3 + 0 + 1 + 3 + 0);
+                for (qi, q) in queries.chunks_exact(dim).enumerate() {
+                    let mut naive: Vec<(u32, f32)> =
+                        allowed.iter().map(|&i| (i, idx.span_vector(i).iter().zip(q).map(|(a, b)| a * b).sum())).collect();
+                    naive.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                    assert_eq!(got[qi].len(), 4, "{kind}");
+                    for (g, w) in got[qi].iter().zip(&naive) {
+                        assert_eq!(g.id, w.0, "{kind} query {qi}");
+                        assert!((g.similarity - w.1).abs() < 1e-5);
+                        assert!(chosen.contains(&idx.span(g.id).example));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn empty_index_searches_return_nothing() {
         for kind in all_kinds() {

@@ -72,7 +72,7 @@ pub fn exact_search(data: &[f32], dim: usize, queries: &[f32], k: usize) -> Vec<
         let q1 = (q0 + QUERY_BLOCK).min(nq);
         let r0 = (c * chunk_rows).min(n);
         let r1 = (r0 + chunk_rows).min(n);
-        scan(&queries[q0 * dim..q1 * dim], data, dim, r0, r1, k)
+        scan_rows(&queries[q0 * dim..q1 * dim], data, dim, r0, r1, k)
     };
     let partial: Vec<Vec<TopK>> = if tasks.len() == 1 {
         tasks.iter().map(run).collect()
@@ -88,22 +88,103 @@ pub fn exact_search(data: &[f32], dim: usize, queries: &[f32], k: usize) -> Vec<
     out.into_iter().map(TopK::into_sorted).collect()
 }
 
-/// Score `queries` against rows `r0..r1`, keeping the top `k` per query.
-fn scan(queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize, k: usize) -> Vec<TopK> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features `scan_avx2` is compiled for.
-            return unsafe { scan_avx2(queries, data, dim, r0, r1, k) };
+/// Top-`k` rows by dot product for each row of `queries`, among the rows of `data` that
+/// lie in `ranges` (half-open row ranges; ids stay global). For searching a subset that
+/// is a few contiguous runs of rows, such as the spans of chosen examples, without
+/// copying it. Every query passes over each row block while it is in cache, so the rows
+/// are read from memory once; large searches split the rows (not the queries) between
+/// rayon tasks and merge their heaps.
+pub fn exact_search_ranges(
+    data: &[f32],
+    dim: usize,
+    queries: &[f32],
+    ranges: &[std::ops::Range<usize>],
+    k: usize,
+) -> Vec<Vec<Neighbor>> {
+    assert!(dim > 0 && data.len() % dim == 0 && queries.len() % dim == 0);
+    let n = data.len() / dim;
+    assert!(ranges.iter().all(|r| r.start <= r.end && r.end <= n), "row range out of bounds");
+    let nq = queries.len() / dim;
+    let rows: usize = ranges.iter().map(|r| r.len()).sum();
+    let run = |part: &[std::ops::Range<usize>]| {
+        let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+        for r in part {
+            scan(&mut tops, queries, data, dim, r.start, r.end);
+        }
+        tops
+    };
+    let tasks = if rows * dim * nq < PARALLEL_MIN_WORK {
+        1
+    } else {
+        (rayon::current_num_threads().max(1) * 2).min(rows.div_ceil(ROW_BLOCK))
+    };
+    let tops = if tasks <= 1 {
+        run(ranges)
+    } else {
+        split_rows(ranges, rows.div_ceil(tasks)).par_iter().map(|part| run(part)).reduce_with(|mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                x.merge(y);
+            }
+            a
+        }).unwrap_or_default()
+    };
+    tops.into_iter().map(TopK::into_sorted).collect()
+}
+
+/// `ranges` cut into consecutive parts of about `per_part` rows each.
+fn split_rows(ranges: &[std::ops::Range<usize>], per_part: usize) -> Vec<Vec<std::ops::Range<usize>>> {
+    let per_part = per_part.max(1);
+    let mut parts = vec![Vec::new()];
+    let mut filled = 0;
+    for r in ranges {
+        let mut s = r.start;
+        while s < r.end {
+            if filled == per_part {
+                parts.push(Vec::new());
+                filled = 0;
+            }
+            let e = r.end.min(s + per_part - filled);
+            parts.last_mut().expect("never empty").push(s..e);
+            filled += e - s;
+            s = e;
         }
     }
-    scan_impl::<Portable>(queries, data, dim, r0, r1, k)
+    parts
+}
+
+/// Score `queries` against rows `r0..r1`, keeping the top `k` per query.
+fn scan_rows(queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize, k: usize) -> Vec<TopK> {
+    let mut tops: Vec<TopK> = (0..queries.len() / dim).map(|_| TopK::new(k)).collect();
+    scan(&mut tops, queries, data, dim, r0, r1);
+    tops
+}
+
+/// Score `queries` against rows `r0..r1` into `tops` (one heap per query).
+fn scan(tops: &mut [TopK], queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features `scan_avx512` is compiled for.
+            return unsafe { scan_avx512(tops, queries, data, dim, r0, r1) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features `scan_avx2` is compiled for.
+            return unsafe { scan_avx2(tops, queries, data, dim, r0, r1) };
+        }
+    }
+    scan_impl::<Portable>(tops, queries, data, dim, r0, r1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn scan_avx512(tops: &mut [TopK], queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize) {
+    scan_impl::<avx512::Avx512>(tops, queries, data, dim, r0, r1)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn scan_avx2(queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize, k: usize) -> Vec<TopK> {
-    scan_impl::<avx2::Avx2>(queries, data, dim, r0, r1, k)
+unsafe fn scan_avx2(tops: &mut [TopK], queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize) {
+    scan_impl::<avx2::Avx2>(tops, queries, data, dim, r0, r1)
 }
 
 /// The three kernels `scan_impl` needs, so that the AVX2 path can use intrinsics.
@@ -131,16 +212,9 @@ impl Kernels for Portable {
 }
 
 #[inline(always)]
-fn scan_impl<K: Kernels>(
-    queries: &[f32],
-    data: &[f32],
-    dim: usize,
-    r0: usize,
-    r1: usize,
-    k: usize,
-) -> Vec<TopK> {
+fn scan_impl<K: Kernels>(tops: &mut [TopK], queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize) {
     let nq = queries.len() / dim;
-    let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    debug_assert_eq!(tops.len(), nq);
     let row = |i: usize| &data[i * dim..(i + 1) * dim];
     let query = |i: usize| &queries[i * dim..(i + 1) * dim];
     let mut s = r0;
@@ -184,7 +258,6 @@ fn scan_impl<K: Kernels>(
         }
         s = e;
     }
-    tops
 }
 
 #[inline(always)]
@@ -407,6 +480,98 @@ mod avx2 {
     }
 }
 
+/// AVX-512 kernels: the same blocking as [`avx2`] with 16-lane vectors, half the
+/// instructions per multiply-add. Only called from `#[target_feature(enable = "avx512f")]`
+/// functions, after runtime detection.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    pub struct Avx512;
+
+    impl super::Kernels for Avx512 {
+        #[inline(always)]
+        fn dot(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let body = n / 32 * 32;
+            // SAFETY: loads stay below `body <= n`; the caller checked avx512f.
+            unsafe {
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                let (mut x, mut y) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut i = 0;
+                while i < body {
+                    x = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), x);
+                    y = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), y);
+                    i += 32;
+                }
+                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(x, y));
+                for j in body..n {
+                    s += a[j] * b[j];
+                }
+                s
+            }
+        }
+
+        #[inline(always)]
+        fn k1x4(q: &[f32], r: [&[f32]; 4]) -> [f32; 4] {
+            let n = q.len();
+            assert!(r.iter().all(|x| x.len() >= n));
+            let body = n / 16 * 16;
+            // SAFETY: every row is at least `n` long (asserted); loads stay below `body`.
+            unsafe {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                let mut i = 0;
+                while i < body {
+                    let x = _mm512_loadu_ps(q.as_ptr().add(i));
+                    for j in 0..4 {
+                        acc[j] = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[j].as_ptr().add(i)), acc[j]);
+                    }
+                    i += 16;
+                }
+                let mut out = [0f32; 4];
+                for j in 0..4 {
+                    out[j] = _mm512_reduce_add_ps(acc[j]);
+                    for i in body..n {
+                        out[j] += q[i] * r[j][i];
+                    }
+                }
+                out
+            }
+        }
+
+        #[inline(always)]
+        fn k4x2(q: [&[f32]; 4], a: &[f32], b: &[f32]) -> [[f32; 2]; 4] {
+            let n = a.len();
+            assert!(b.len() >= n && q.iter().all(|x| x.len() >= n));
+            let body = n / 16 * 16;
+            // SAFETY: all slices are at least `n` long (asserted); loads stay below `body`.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+                let mut i = 0;
+                while i < body {
+                    let ra = _mm512_loadu_ps(a.as_ptr().add(i));
+                    let rb = _mm512_loadu_ps(b.as_ptr().add(i));
+                    for j in 0..4 {
+                        let x = _mm512_loadu_ps(q[j].as_ptr().add(i));
+                        acc[j][0] = _mm512_fmadd_ps(x, ra, acc[j][0]);
+                        acc[j][1] = _mm512_fmadd_ps(x, rb, acc[j][1]);
+                    }
+                    i += 16;
+                }
+                let mut out = [[0f32; 2]; 4];
+                for j in 0..4 {
+                    out[j] = [_mm512_reduce_add_ps(acc[j][0]), _mm512_reduce_add_ps(acc[j][1])];
+                    for i in body..n {
+                        out[j][0] += q[j][i] * a[i];
+                        out[j][1] += q[j][i] * b[i];
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,6 +610,88 @@ mod tests {
                     assert!((h.similarity - w.1).abs() < 1e-4, "n={n} dim={dim}: {h:?} vs {w:?}");
                 }
                 assert_eq!(hits[0].id, want[0].0, "n={n} dim={dim} q={qi}");
+            }
+        }
+    }
+
+    /// Searching a few row ranges equals searching a copy of just those rows, with ids
+    /// mapped back to the full matrix; large enough to take the parallel path too.
+    #[test]
+    fn range_search_matches_naive_on_the_subset() {
+        let mut state = 99u64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for &(n, dim, nq) in &[(50, 13, 3), (40_000, 40, 33)] {
+            let data: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();
+            let qs: Vec<f32> = (0..nq * dim).map(|_| rnd()).collect();
+            let ranges = [3..9, 9..9, 20..n / 2, n - 5..n];
+            let ids: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+            let subset: Vec<f32> = ids.iter().flat_map(|&i| data[i * dim..(i + 1) * dim].iter().copied()).collect();
+            let got = exact_search_ranges(&data, dim, &qs, &ranges, 4);
+            assert_eq!(got.len(), nq);
+            for (qi, hits) in got.iter().enumerate() {
+                let want = naive(&subset, dim, &qs[qi * dim..(qi + 1) * dim], 4);
+                assert_eq!(hits.len(), 4);
+                for (h, w) in hits.iter().zip(&want) {
+                    assert_eq!(h.id as usize, ids[w.0 as usize], "n={n} q={qi}");
+                    assert!((h.similarity - w.1).abs() < 1e-4);
+                }
+            }
+        }
+        assert!(exact_search_ranges(&[1.0, 0.0], 2, &[1.0, 0.0], &[], 3)[0].is_empty());
+    }
+
+    #[test]
+    fn split_rows_keeps_every_row_once() {
+        let ranges = [0..5, 7..7, 10..23, 30..31];
+        for per in [1, 3, 4, 19, 100] {
+            let parts = split_rows(&ranges, per);
+            let rows: Vec<usize> = parts.iter().flatten().flat_map(|r| r.clone()).collect();
+            let want: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+            assert_eq!(rows, want, "per {per}");
+            assert!(parts.iter().all(|p| p.iter().map(|r| r.len()).sum::<usize>() <= per), "per {per}");
+        }
+    }
+
+    /// Every kernel set this CPU can run (portable, AVX2, AVX-512) scores odd shapes like
+    /// the naive loop, whichever one `scan` picks at run time.
+    #[test]
+    fn every_kernel_set_matches_naive() {
+        let (n, dim, nq) = (37, 45, 7);
+        let data: Vec<f32> = (0..n * dim).map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0).collect();
+        let qs: Vec<f32> = (0..nq * dim).map(|i| (i * 53 % 97) as f32 / 48.0 - 1.0).collect();
+        let fresh = || (0..nq).map(|_| TopK::new(n)).collect::<Vec<TopK>>();
+        let mut runs: Vec<(&str, Vec<TopK>)> = Vec::new();
+        let mut t = fresh();
+        scan_impl::<Portable>(&mut t, &qs, &data, dim, 0, n);
+        runs.push(("portable", t));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                let mut t = fresh();
+                // SAFETY: checked just above.
+                unsafe { scan_avx2(&mut t, &qs, &data, dim, 0, n) };
+                runs.push(("avx2", t));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let mut t = fresh();
+                // SAFETY: checked just above.
+                unsafe { scan_avx512(&mut t, &qs, &data, dim, 0, n) };
+                runs.push(("avx512", t));
+            }
+        }
+        for (name, tops) in runs {
+            for (qi, top) in tops.into_iter().enumerate() {
+                let got = top.into_sorted();
+                let want = naive(&data, dim, &qs[qi * dim..(qi + 1) * dim], n);
+                assert_eq!(got.len(), n, "{name}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g.similarity - w.1).abs() < 1e-3, "{name} query {qi}: {g:?} vs {w:?}");
+                }
             }
         }
     }
