@@ -89,6 +89,11 @@ pub struct QueryConfig {
     /// Neighbours kept as the justification of each decision.
     pub explain: usize,
     pub batch_size: usize,
+    /// Two-stage search: look for span neighbours only among the spans of this many
+    /// examples nearest the whole utterance, exactly, instead of among all spans. Much
+    /// faster on large indexes (no span graph walk); what it costs in accuracy is in
+    /// BENCHMARKS.md. `None` searches every span.
+    pub prefilter: Option<usize>,
 }
 
 /// The default `threshold` is the median of the values chosen on the dev domains by
@@ -109,6 +114,7 @@ impl Default for QueryConfig {
             oos_threshold: None,
             explain: 3,
             batch_size: crate::encoder::DEFAULT_BATCH_SIZE,
+            prefilter: None,
         }
     }
 }
@@ -331,7 +337,21 @@ pub fn retrieve_encoded(
         .zip(encoded.par_iter())
         .map(|(ex, enc)| {
             let sv: SpanVectors = span_vectors(enc, &ex.words, candidate_spans(ex.words.len(), build.max_width), build.pooling);
-            let hits = if sv.spans.is_empty() { Vec::new() } else { index.search_spans_batch(&sv.vectors, cfg.k) };
+            let n_utterances = cfg.intent_k.max(cfg.prefilter.unwrap_or(0));
+            let mut utterances: Vec<(u32, f32)> = index
+                .search_utterances(&utterance_vector(enc, build), n_utterances)
+                .into_iter()
+                .map(|n| (n.id, n.similarity))
+                .collect();
+            let hits = if sv.spans.is_empty() {
+                Vec::new()
+            } else if let Some(m) = cfg.prefilter {
+                let nearest: Vec<ExampleId> = utterances.iter().take(m).map(|&(id, _)| ExampleId(id)).collect();
+                index.search_spans_among(&sv.vectors, cfg.k, &nearest)
+            } else {
+                index.search_spans_batch(&sv.vectors, cfg.k)
+            };
+            utterances.truncate(cfg.intent_k);
             let spans: Vec<SpanEvidence> = sv
                 .spans
                 .iter()
@@ -349,7 +369,6 @@ pub fn retrieve_encoded(
                     SpanEvidence { span: *span, by_label, o_score }
                 })
                 .collect();
-            let utterances = index.search_utterances(&utterance_vector(enc, build), cfg.intent_k).into_iter().map(|n| (n.id, n.similarity)).collect();
             Retrieved { spans, utterances }
         })
         .collect()

@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--intent-aggregation", default="max", choices=["max", "mean"])
     p.add_argument("--oos-threshold", type=float, default=None)
     p.add_argument("--explain", type=int, default=3)
+    p.add_argument("--prefilter", type=int, default=None,
+                   help="search spans only among the spans of the N examples nearest each utterance")
     p.add_argument("--predictions-out", default=None, help="write the batched run's predictions (JSONL)")
     a = p.parse_args(argv)
     if min(a.batch_size, a.threads, a.max_width, a.k, a.intent_k) < 1 or min(a.single, a.warmup, a.explain) < 0:
@@ -276,6 +278,8 @@ def main(argv=None):
             span_chars.append((ex["words"][s][0], ex["words"][t - 1][1]))
     span_matrix = np.ascontiguousarray(np.concatenate(blocks), dtype=np.float32)
     span_label = np.asarray(span_label, dtype=np.int64)
+    # Spans are stored grouped by example: example e's spans are rows span_start[e]:span_start[e + 1].
+    span_start = np.searchsorted(np.asarray(span_example, dtype=np.int64), np.arange(len(train) + 1))
     utt_matrix = sentence_vectors(hidden)
     o_id = label_ids.get(O_LABEL, -1)
     del hidden, blocks
@@ -399,15 +403,26 @@ def main(argv=None):
         ids, offsets = tokenize(ex["text"] for ex in examples)
         hidden = encode(ids)
         t1 = time.perf_counter()
-        all_spans, blocks = [], []
-        for ex, h, off in zip(examples, hidden, offsets):
+        all_spans, blocks, owners = [], [], []
+        for j, (ex, h, off) in enumerate(zip(examples, hidden, offsets)):
             spans = candidate_spans(len(ex["words"]), args.max_width)
             all_spans.append(spans)
             if spans:
                 blocks.append(span_vectors(h, utterance_words(ex, off), spans))
-        if blocks:
+                owners.append(j)
+        utt_ids, utt_sims = search(sentence_vectors(hidden), utt_matrix, max(args.intent_k, args.prefilter or 0))
+        if blocks and args.prefilter:
+            # Two-stage: each utterance's spans against the spans of its nearest examples.
+            found = []
+            for j, block in zip(owners, blocks):
+                rows = np.concatenate([np.arange(span_start[e], span_start[e + 1]) for e in utt_ids[j, : args.prefilter]])
+                ids, sims = search(block, span_matrix[rows], args.k)
+                found.append((rows[ids], sims))
+            nb_ids = np.concatenate([f[0] for f in found])
+            nb_sims = np.concatenate([f[1] for f in found])
+        elif blocks:
             nb_ids, nb_sims = search(np.concatenate(blocks), span_matrix, args.k)
-        utt_ids, utt_sims = search(sentence_vectors(hidden), utt_matrix, args.intent_k)
+        utt_ids, utt_sims = utt_ids[:, : args.intent_k], utt_sims[:, : args.intent_k]
         t2 = time.perf_counter()
         predictions, row = [], 0
         for j, (ex, spans) in enumerate(zip(examples, all_spans)):
@@ -478,11 +493,14 @@ def main(argv=None):
             "intent_aggregation": args.intent_aggregation,
             "oos_threshold": args.oos_threshold,
             "explain": args.explain,
+            "prefilter": args.prefilter,
         },
         "hidden_size": hidden_size,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
-    if auto_backend != "exact":
+    if args.prefilter:
+        result["index"]["search"] = f"exact among the spans of the {args.prefilter} nearest examples (numpy)"
+    elif auto_backend != "exact":
         result["note"] = (
             f"{n_spans} span vectors: nearspan's default (Auto) backend searches them with HNSW "
             "(usearch, approximate); this peer searches exactly"

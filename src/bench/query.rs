@@ -156,7 +156,12 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
         "pooling": build.pooling.name(),
         "o_spans": build.index_o_spans,
     });
-    if backend != BackendKind::Exact {
+    if let Some(m) = cfg.prefilter {
+        report["search_note"] = json!(format!(
+            "both search spans exactly among the spans of the {m} examples nearest each utterance (--prefilter), of {} spans in all",
+            index.n_spans()
+        ));
+    } else if backend != BackendKind::Exact {
         report["search_note"] = json!(format!(
             "nearspan searches the {} span vectors with {backend} (HNSW, approximate); the peer searches exactly",
             index.n_spans()
@@ -166,7 +171,7 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
     report["settings"] = json!({
         "k": cfg.k, "threshold": cfg.threshold, "o_margin": cfg.o_margin, "decoder": cfg.strategy,
         "intent_k": cfg.intent_k, "intent_aggregation": cfg.intent_aggregation, "oos_threshold": cfg.oos_threshold,
-        "explain": cfg.explain, "batch_size": cfg.batch_size,
+        "explain": cfg.explain, "batch_size": cfg.batch_size, "prefilter": cfg.prefilter
     });
     report["threads"] = json!(a.threads);
     report["thread_check"] = thread_check;
@@ -278,6 +283,9 @@ impl Peer {
         }
         if let Some(t) = cfg.oos_threshold {
             args.extend(["--oos-threshold".into(), t.to_string()]);
+        }
+        if let Some(m) = cfg.prefilter {
+            args.extend(["--prefilter".into(), m.to_string()]);
         }
         Ok(Self { python: a.python.clone(), script, args, threads: a.threads })
     }

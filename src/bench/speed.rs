@@ -52,6 +52,10 @@ pub struct SpeedArgs {
     /// Leave out the end-to-end query part (also left out when no --query-index is given).
     #[arg(long)]
     pub skip_query: bool,
+    /// Run the query part with `--prefilter N`: span neighbours searched exactly among the
+    /// spans of the N examples nearest each utterance (no span graph needed).
+    #[arg(long, value_name = "N")]
+    pub query_prefilter: Option<u32>,
     /// Measure nearspan only (the encoder part; the query part never runs its peer here).
     #[arg(long)]
     pub no_peer: bool,
@@ -134,6 +138,9 @@ pub fn run(a: SpeedArgs, out: &mut dyn Write) -> Result<()> {
                 // minutes per pass, so its side-by-side run is `bench query` over a smaller
                 // index (BENCHMARKS.md), not part of this summary.
                 args.extend(["--threads".into(), threads.clone(), "--no-peer".into()]);
+                if let Some(m) = a.query_prefilter {
+                    args.extend(["--prefilter".into(), m.to_string()]);
+                }
                 super::query::run(sub_args("query", &args)?, out)?;
                 let report: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
                 let q = &report["query"];
@@ -142,6 +149,7 @@ pub fn run(a: SpeedArgs, out: &mut dyn Write) -> Result<()> {
                 }
                 summary["query_precision"] = json!(fastest.name());
                 summary["query_index"] = q["index"].clone();
+                summary["query_prefilter"] = json!(a.query_prefilter);
             }
         }
     }

@@ -11,7 +11,7 @@ use nearspan::decode::Strategy;
 use nearspan::encoder::SpanPooling;
 use nearspan::labeler::{self, BuildConfig, LabelerError, Neighbour, Prediction, QueryConfig};
 use nearspan::spans::candidate_spans;
-use nearspan_index::{BackendKind, HnswParams, IndexError, SpanIndex};
+use nearspan_index::{BackendKind, ExampleId, HnswParams, IndexError, SpanIndex};
 
 use crate::common::encoder;
 
@@ -390,4 +390,39 @@ fn both_decoders_give_non_overlapping_slots() {
             }
         }
     }
+}
+
+/// `prefilter` searches spans only among the examples nearest the utterance: with every
+/// example allowed it decides exactly as the full search; with 3 allowed, every slot's
+/// neighbours come from the 3 nearest utterances.
+#[test]
+fn prefilter_searches_only_the_nearest_examples_spans() {
+    let queries = smarthome_queries();
+    let texts: Vec<&str> = queries.iter().map(String::as_str).collect();
+    let index = full_index();
+    let full = label(index, &texts, &QueryConfig::default());
+    let all = label(index, &texts, &QueryConfig { prefilter: Some(index.n_examples()), ..QueryConfig::default() });
+    for (f, a) in full.iter().zip(&all) {
+        assert_eq!(f.intent, a.intent, "{}", f.text);
+        let slots = |p: &Prediction| p.slots.iter().map(|s| (s.words, s.label.clone())).collect::<Vec<_>>();
+        assert_eq!(slots(f), slots(a), "{}", f.text);
+        for (x, y) in f.slots.iter().zip(&a.slots) {
+            assert!((x.score - y.score).abs() < 1e-5, "{}: {} vs {}", f.text, x.score, y.score);
+        }
+    }
+    let cfg = QueryConfig { prefilter: Some(3), explain: 10, ..QueryConfig::default() };
+    let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
+    let retrieved = labeler::retrieve(encoder(), index, &examples, &BuildConfig::default(), &cfg).unwrap();
+    let mut checked = 0;
+    for (ex, r) in examples.iter().zip(&retrieved) {
+        let nearest: Vec<&str> = r.utterances.iter().take(3).map(|&(id, _)| index.example(ExampleId(id)).text.as_str()).collect();
+        let p = labeler::decide(index, ex, r, &cfg);
+        for s in &p.slots {
+            for n in &s.neighbours {
+                assert!(nearest.contains(&n.example.as_str()), "{}: neighbour {:?} not among {nearest:?}", ex.text, n.example);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0, "no slot neighbours to check");
 }
