@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Example, LabeledSpan};
 use crate::decode::{decode, Candidate, Strategy};
 use crate::encoder::{EncodedText, Encoder, EncoderError, SpanPooling};
-use crate::spans::{candidate_spans, span_vectors, SpanVectors, WordSpan};
+use crate::spans::{candidate_spans, factored_span_vectors, span_vectors, SpanVectors, WordSpan};
 
 /// The label of indexed non-slot spans.
 pub const O_LABEL: &str = "O";
@@ -332,28 +332,38 @@ pub fn retrieve_encoded(
 ) -> Vec<Retrieved> {
     use rayon::prelude::*;
     let o_label = index.label_id(O_LABEL).map(|l| l.0);
+    let n_utterances = cfg.intent_k.max(cfg.prefilter.unwrap_or(0));
+    // One batched search: exact search then reads the utterance vectors once per batch.
+    let utterance_vectors: Vec<f32> = encoded.iter().flat_map(|enc| utterance_vector(enc, build)).collect();
+    let utterance_hits = if encoded.is_empty() { Vec::new() } else { index.search_utterances_batch(&utterance_vectors, n_utterances) };
     examples
         .par_iter()
         .zip(encoded.par_iter())
-        .map(|(ex, enc)| {
-            let sv: SpanVectors = span_vectors(enc, &ex.words, candidate_spans(ex.words.len(), build.max_width), build.pooling);
-            let n_utterances = cfg.intent_k.max(cfg.prefilter.unwrap_or(0));
-            let mut utterances: Vec<(u32, f32)> = index
-                .search_utterances(&utterance_vector(enc, build), n_utterances)
-                .into_iter()
-                .map(|n| (n.id, n.similarity))
-                .collect();
-            let hits = if sv.spans.is_empty() {
-                Vec::new()
+        .zip(utterance_hits.into_par_iter())
+        .map(|((ex, enc), utterance_hits)| {
+            let candidates = candidate_spans(ex.words.len(), build.max_width);
+            let mut utterances: Vec<(u32, f32)> = utterance_hits.into_iter().map(|n| (n.id, n.similarity)).collect();
+            let (spans, hits) = if candidates.is_empty() {
+                (candidates, Vec::new())
             } else if let Some(m) = cfg.prefilter {
                 let nearest: Vec<ExampleId> = utterances.iter().take(m).map(|&(id, _)| ExampleId(id)).collect();
-                index.search_spans_among(&sv.vectors, cfg.k, &nearest)
+                if build.pooling == SpanPooling::StartEnd {
+                    // Start ⊕ end vectors share their halves: score each half once.
+                    let f = factored_span_vectors(enc, &ex.words, candidates);
+                    let hits = index.search_spans_among_factored(&f.queries(), cfg.k, &nearest);
+                    (f.spans, hits)
+                } else {
+                    let sv: SpanVectors = span_vectors(enc, &ex.words, candidates, build.pooling);
+                    let hits = index.search_spans_among(&sv.vectors, cfg.k, &nearest);
+                    (sv.spans, hits)
+                }
             } else {
-                index.search_spans_batch(&sv.vectors, cfg.k)
+                let sv: SpanVectors = span_vectors(enc, &ex.words, candidates, build.pooling);
+                let hits = index.search_spans_batch(&sv.vectors, cfg.k);
+                (sv.spans, hits)
             };
             utterances.truncate(cfg.intent_k);
-            let spans: Vec<SpanEvidence> = sv
-                .spans
+            let spans: Vec<SpanEvidence> = spans
                 .iter()
                 .zip(hits)
                 .map(|(span, neighbours)| {

@@ -79,6 +79,65 @@ pub fn span_vectors(encoded: &EncodedText, words: &[Word], spans: Vec<WordSpan>,
     SpanVectors { spans, vectors, dim }
 }
 
+/// Start ⊕ end span vectors in factored form, for
+/// [`SpanIndex::search_spans_among_factored`](nearspan_index::SpanIndex::search_spans_among_factored):
+/// each distinct first and last sub-token vector once, and per span (first, last,
+/// 1 / norm of the concatenation), so `pairs[i]` stands for the normalized vector that
+/// [`span_vectors`] with [`SpanPooling::StartEnd`] gives span `i`.
+#[derive(Debug, Clone)]
+pub struct FactoredSpans {
+    pub spans: Vec<WordSpan>,
+    /// Distinct first sub-token vectors (row-major, hidden size wide).
+    pub firsts: Vec<f32>,
+    /// Distinct last sub-token vectors.
+    pub lasts: Vec<f32>,
+    /// Per span: (row of `firsts`, row of `lasts`, scale); scale 0 for a span without tokens.
+    pub pairs: Vec<(u32, u32, f32)>,
+}
+
+impl FactoredSpans {
+    pub fn queries(&self) -> nearspan_index::backend::exact::FactoredQueries<'_> {
+        nearspan_index::backend::exact::FactoredQueries { firsts: &self.firsts, lasts: &self.lasts, pairs: &self.pairs }
+    }
+}
+
+/// The factored start ⊕ end vectors of `spans` (see [`FactoredSpans`]).
+pub fn factored_span_vectors(encoded: &EncodedText, words: &[Word], spans: Vec<WordSpan>) -> FactoredSpans {
+    let word_tokens = encoded.tokens.align_words(words);
+    let dim = encoded.dim;
+    let row = |t: usize| &encoded.hidden[t * dim..(t + 1) * dim];
+    let sq = |t: usize| row(t).iter().map(|x| x * x).sum::<f32>();
+    let n_tokens = encoded.hidden.len() / dim.max(1);
+    // token -> its row in firsts / lasts
+    let (mut first_of, mut last_of) = (vec![u32::MAX; n_tokens], vec![u32::MAX; n_tokens]);
+    let (mut firsts, mut lasts) = (Vec::new(), Vec::new());
+    let mut pairs = Vec::with_capacity(spans.len());
+    for span in &spans {
+        let tokens = token_range(&word_tokens, *span);
+        if tokens.is_empty() {
+            pairs.push((0, 0, 0.0));
+            continue;
+        }
+        let (f, l) = (tokens.start, tokens.end - 1);
+        if first_of[f] == u32::MAX {
+            first_of[f] = (firsts.len() / dim) as u32;
+            firsts.extend_from_slice(row(f));
+        }
+        if last_of[l] == u32::MAX {
+            last_of[l] = (lasts.len() / dim) as u32;
+            lasts.extend_from_slice(row(l));
+        }
+        let norm = (sq(f) + sq(l)).sqrt();
+        pairs.push((first_of[f], last_of[l], if norm > 0.0 { 1.0 / norm } else { 0.0 }));
+    }
+    if firsts.is_empty() {
+        // Only token-less spans: one zero row so that every pair points somewhere.
+        firsts = vec![0.0; dim];
+        lasts = vec![0.0; dim];
+    }
+    FactoredSpans { spans, firsts, lasts, pairs }
+}
+
 /// Sub-token range covered by a word span (empty if its words have no tokens).
 fn token_range(word_tokens: &[Range<usize>], span: WordSpan) -> Range<usize> {
     let covered = &word_tokens[span.start..span.end];

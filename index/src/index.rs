@@ -246,6 +246,27 @@ impl SpanIndex {
         self.search_spans_in(queries, k, &ranges)
     }
 
+    /// [`search_spans_among`](Self::search_spans_among) for start ⊕ end queries in
+    /// factored form ([`FactoredQueries`](crate::backend::exact::FactoredQueries)): the
+    /// same neighbours up to rounding, about 4× fewer multiply-adds. Panics if the
+    /// index dimension is odd or a pair is out of range.
+    pub fn search_spans_among_factored(
+        &self,
+        queries: &crate::backend::exact::FactoredQueries<'_>,
+        k: usize,
+        examples: &[ExampleId],
+    ) -> Vec<Vec<Neighbor>> {
+        let ranges: Vec<std::ops::Range<usize>> = examples
+            .iter()
+            .filter(|e| (e.0 as usize) < self.examples.len())
+            .map(|&e| {
+                let r = self.example_spans(e);
+                r.start as usize..r.end as usize
+            })
+            .collect();
+        crate::backend::exact::factored_search_ranges(self.span_set.vectors.as_slice(), self.encoder.dim as usize, queries, &ranges, k)
+    }
+
     /// Exact search among the spans whose ids lie in `ranges` (half-open; ids past the
     /// end are ignored). For choosing spans more finely than by example.
     pub fn search_spans_in(&self, queries: &[f32], k: usize, ranges: &[std::ops::Range<u32>]) -> Vec<Vec<Neighbor>> {
@@ -272,6 +293,13 @@ impl SpanIndex {
     pub fn search_utterances(&self, query: &[f32], k: usize) -> Vec<Neighbor> {
         assert_eq!(query.len(), self.encoder.dim as usize, "query dimension");
         self.utt_set.search(query, k)
+    }
+
+    /// [`search_utterances`](Self::search_utterances) for `queries.len() / dim` queries
+    /// stored row-major: exact search reads the utterance vectors once for all of them.
+    pub fn search_utterances_batch(&self, queries: &[f32], k: usize) -> Vec<Vec<Neighbor>> {
+        self.assert_query(queries.len());
+        self.utt_set.backend.search_batch(&self.utt_set.vectors, queries, k)
     }
 
     /// Set `ef` (search candidate list size) on both collections' HNSW graphs.

@@ -426,3 +426,28 @@ fn prefilter_searches_only_the_nearest_examples_spans() {
     }
     assert!(checked > 0, "no slot neighbours to check");
 }
+
+/// The factored start ⊕ end form (used by `prefilter`) stands for exactly the vectors
+/// `span_vectors` pools.
+#[test]
+fn factored_spans_rebuild_the_start_end_vectors() {
+    let texts = smarthome_queries();
+    let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let encoded = encoder().encode(&refs, 8).unwrap();
+    for (ex, enc) in examples.iter().zip(&encoded) {
+        let spans = candidate_spans(ex.words.len(), 10);
+        let sv = nearspan::spans::span_vectors(enc, &ex.words, spans.clone(), SpanPooling::StartEnd);
+        let f = nearspan::spans::factored_span_vectors(enc, &ex.words, spans);
+        assert_eq!(f.spans, sv.spans);
+        let d = enc.dim;
+        assert!(f.firsts.len() / d <= ex.words.len() && f.lasts.len() / d <= ex.words.len());
+        for (i, &(a, b, scale)) in f.pairs.iter().enumerate() {
+            let (a, b) = (a as usize, b as usize);
+            let rebuilt: Vec<f32> = f.firsts[a * d..(a + 1) * d].iter().chain(&f.lasts[b * d..(b + 1) * d]).map(|x| x * scale).collect();
+            for (x, y) in rebuilt.iter().zip(sv.vector(i)) {
+                assert!((x - y).abs() < 1e-6, "{}: span {i}", ex.text);
+            }
+        }
+    }
+}
