@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::data::Example;
-use crate::train::baseline::{JointLabels, JointModel, JointObjective};
+use crate::train::baseline::{JointLabels, JointModel, JointObjective, TagDecoding};
 use crate::train::{self, TrainConfig, TrainableEncoder};
 
 /// Settings of the per-episode fine-tuning (fixed in advance, never tuned on targets).
@@ -23,6 +23,9 @@ pub struct FinetuneSettings {
     pub batch_size: usize,
     #[arg(id = "finetune_dropout", long = "finetune-dropout", default_value_t = 0.1)]
     pub dropout: f32,
+    /// How slot tags are read from the fine-tuned model (see `nearspan eval --help`).
+    #[arg(id = "finetune_tag_decoding", long = "tag-decoding", value_enum, default_value_t = TagDecoding::Constrained)]
+    pub tag_decoding: TagDecoding,
 }
 
 /// Fine-tunes a fresh copy of `model_dir` on `support` and predicts `query` (as examples
@@ -30,7 +33,8 @@ pub struct FinetuneSettings {
 pub fn finetune_and_label(model_dir: &Path, support: &[Example], query: &[Example], s: &FinetuneSettings, seed: u64) -> Result<Vec<Example>> {
     let t = TrainableEncoder::load(model_dir)?;
     let labels = JointLabels::from_examples(support);
-    let model = JointModel::with_new_heads(&t.encoder, &t.varmap, labels)?;
+    let mut model = JointModel::with_new_heads(&t.encoder, &t.varmap, labels)?;
+    model.set_tag_decoding(s.tag_decoding);
     let objective = JointObjective::new(&model, support.to_vec(), s.batch_size, s.dropout)?;
     let config = TrainConfig { max_steps: Some(s.steps), lr: s.lr, warmup: 0.1, seed, checkpoint_every: 0, ..Default::default() };
     train::fit(&objective, &t.varmap, &config)?;
