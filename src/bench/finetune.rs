@@ -41,3 +41,25 @@ pub fn finetune_and_label(model_dir: &Path, support: &[Example], query: &[Exampl
     let preds = model.predict(query, 64)?;
     Ok(preds.iter().zip(query).map(|(p, q)| p.to_example(q)).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::TagDecoding;
+    use crate::cli::{BenchCommand, Cli, Command};
+
+    #[test]
+    fn fewshot_finetune_takes_a_tag_decoding_defaulting_to_constrained() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["nearspan", "bench", "fewshot", "--data", "d", "--shots", "5", "--method", "finetune"];
+            argv.extend_from_slice(extra);
+            let Command::Bench(BenchCommand::Fewshot(a)) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not bench fewshot")
+            };
+            a.finetune.tag_decoding
+        };
+        assert_eq!(parse(&[]), TagDecoding::Constrained);
+        assert_eq!(parse(&["--tag-decoding", "argmax"]), TagDecoding::Argmax);
+    }
+}
