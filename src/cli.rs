@@ -220,10 +220,14 @@ pub struct QuerySettings {
 }
 
 impl QuerySettings {
-    /// Applies the index-side settings (`--ef`).
+    /// Applies the index-side settings (`--ef`; with `--prefilter`, builds the factored
+    /// span halves now rather than during the first query).
     pub(crate) fn apply(&self, index: &mut SpanIndex) {
         if let Some(ef) = self.ef {
             index.set_ef_search(ef);
+        }
+        if self.prefilter.is_some() {
+            index.prepare_factored_search();
         }
     }
 

@@ -166,6 +166,102 @@ mod exact {
         }
     }
 
+    /// Adds an example of `words` words: start ⊕ end rows of every span of width ≤ 3 from
+    /// random token vectors (normalized, as the index stores them) and the sentence
+    /// vector tiled twice; `tile` false gives an untiled utterance vector instead.
+    fn add_start_end_example(index: &mut SpanIndex, words: usize, tile: bool, rng: &mut StdRng) {
+        let half = index.encoder().dim as usize / 2;
+        // token vectors of unequal norms, as a transformer's are
+        let mut tokens = clustered(words, half, 4, 0.7, rng);
+        for t in tokens.chunks_exact_mut(half) {
+            let scale: f32 = rng.random_range(0.5..2.0);
+            t.iter_mut().for_each(|x| *x *= scale);
+        }
+        let mut rows: Vec<(u32, u32, Vec<f32>)> = Vec::new();
+        for s in 0..words {
+            for t in s + 1..=(s + 3).min(words) {
+                let mut v: Vec<f32> = tokens[s * half..(s + 1) * half].iter().chain(&tokens[(t - 1) * half..t * half]).copied().collect();
+                normalize(&mut v);
+                rows.push((4 * s as u32, 4 * t as u32 - 1, v));
+            }
+        }
+        let spans: Vec<(NewSpan<'_>, &[f32])> =
+            rows.iter().map(|(a, b, v)| (NewSpan { label: LABELS[(*a as usize) % 4], start: *a, end: *b, text: "w" }, &v[..])).collect();
+        let sentence = clustered(1, half, 4, 0.7, rng);
+        let utt: Vec<f32> = if tile {
+            sentence.iter().chain(&sentence).map(|x| x / 2f32.sqrt()).collect()
+        } else {
+            clustered(1, 2 * half, 4, 0.7, rng)
+        };
+        let n = index.n_examples();
+        index.add_example(&format!("e{n}"), Some("i"), &utt, &spans).unwrap();
+    }
+
+    /// The factored span search (which keeps each example's distinct start and end
+    /// halves) and the utterance search (which reads one copy of tiled rows) give the
+    /// naive results, also for examples added after they were first used, after an
+    /// example that breaks their layout, and after a reload.
+    #[test]
+    fn factored_and_tiled_searches_follow_added_examples() {
+        let mut rng = seeded("factored_and_tiled_searches_follow_added_examples");
+        let (dim, half) = (24usize, 12usize);
+        let mut index = SpanIndex::new(enc("se", dim as u32), BackendKind::Exact, HnswParams::default()).unwrap();
+        let firsts = clustered(3, half, 4, 0.7, &mut rng);
+        let lasts = clustered(4, half, 4, 0.7, &mut rng);
+        let pairs: Vec<(u32, u32, f32)> = (0..6).map(|p| ((p % 3) as u32, (p % 4) as u32, 0.7)).collect();
+        let queries = backend::exact::FactoredQueries { firsts: &firsts, lasts: &lasts, pairs: &pairs };
+        let utterance_queries = clustered(3, dim, 4, 0.7, &mut rng);
+        let check = |idx: &SpanIndex, stage: &str| {
+            let chosen: Vec<ExampleId> = (0..idx.n_examples() as u32).filter(|e| e % 3 != 1).map(ExampleId).collect();
+            let got = idx.search_spans_among_factored(&queries, 5, &chosen);
+            for (p, &(f, l, scale)) in pairs.iter().enumerate() {
+                let q: Vec<f32> = firsts[f as usize * half..][..half].iter().chain(&lasts[l as usize * half..][..half]).map(|x| x * scale).collect();
+                let mut naive: Vec<(u32, f32)> = chosen
+                    .iter()
+                    .flat_map(|&e| idx.example_spans(e))
+                    .map(|i| (i, idx.span_vector(i).iter().zip(&q).map(|(a, b)| a * b).sum()))
+                    .collect();
+                naive.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                assert_eq!(got[p].len(), 5, "{stage}");
+                for (g, w) in got[p].iter().zip(&naive) {
+                    assert!((g.similarity - w.1).abs() < 1e-5, "{stage} pair {p}: {g:?} vs {w:?}");
+                }
+                assert_eq!(got[p][0].id, naive[0].0, "{stage} pair {p}");
+            }
+            let got = idx.search_utterances_batch(&utterance_queries, 4);
+            for (qi, q) in utterance_queries.chunks_exact(dim).enumerate() {
+                let mut naive: Vec<(u32, f32)> = (0..idx.n_examples() as u32)
+                    .map(|e| (e, idx.utterance_vector(ExampleId(e)).iter().zip(q).map(|(a, b)| a * b).sum()))
+                    .collect();
+                naive.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let ids: Vec<u32> = got[qi].iter().map(|n| n.id).collect();
+                assert_eq!(ids, naive[..4].iter().map(|w| w.0).collect::<Vec<_>>(), "{stage} utterance query {qi}");
+            }
+        };
+        for i in 0..20 {
+            add_start_end_example(&mut index, 1 + i % 6, true, &mut rng);
+        }
+        assert!(index.prepare_factored_search(), "start-end rows factor");
+        check(&index, "built");
+        for i in 0..10 {
+            add_start_end_example(&mut index, 2 + i % 5, true, &mut rng);
+        }
+        check(&index, "grown");
+        add_start_end_example(&mut index, 3, false, &mut rng);
+        check(&index, "untiled utterance added");
+        // an example whose rows share a start character but not a start half
+        let rows = clustered(2, dim, 4, 0.7, &mut rng);
+        let spans = [
+            (NewSpan { label: "city", start: 0, end: 3, text: "a" }, &rows[..dim]),
+            (NewSpan { label: "date", start: 0, end: 7, text: "b" }, &rows[dim..]),
+        ];
+        index.add_example("odd", None, &rows[..dim], &spans).unwrap();
+        check(&index, "non-factoring rows added");
+        assert!(!index.prepare_factored_search());
+        let reloaded = SpanIndex::from_bytes(&index.to_bytes().unwrap(), None).unwrap();
+        check(&reloaded, "reloaded");
+    }
+
     #[test]
     fn empty_index_searches_return_nothing() {
         for kind in all_kinds() {

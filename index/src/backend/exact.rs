@@ -279,6 +279,60 @@ fn factored_scan_impl<K: Kernels>(tops: &mut [TopK], q: &FactoredQueries<'_>, da
     }
 }
 
+/// All dot products of `queries` with `rows` (both row-major, `width` wide):
+/// `out[i * rows + j] = queries[i] · rows[j]`. The small products of the factored span
+/// search ([`SpanHalves`](super::halves::SpanHalves)), runtime-dispatched like the scans.
+pub(crate) fn products(queries: &[f32], rows: &[f32], width: usize, out: &mut [f32]) {
+    assert!(width > 0 && queries.len() % width == 0 && rows.len() % width == 0);
+    assert_eq!(out.len(), queries.len() / width * (rows.len() / width), "output size");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { products_avx512(queries, rows, width, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { products_avx2(queries, rows, width, out) };
+        }
+    }
+    products_impl::<Portable>(queries, rows, width, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn products_avx512(queries: &[f32], rows: &[f32], width: usize, out: &mut [f32]) {
+    products_impl::<avx512::Avx512>(queries, rows, width, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn products_avx2(queries: &[f32], rows: &[f32], width: usize, out: &mut [f32]) {
+    products_impl::<avx2::Avx2>(queries, rows, width, out)
+}
+
+#[inline(always)]
+fn products_impl<K: Kernels>(queries: &[f32], rows: &[f32], width: usize, out: &mut [f32]) {
+    let (nq, nr) = (queries.len() / width, rows.len() / width);
+    let q = |x: usize| &queries[x * width..(x + 1) * width];
+    let r = |x: usize| &rows[x * width..(x + 1) * width];
+    let mut j = 0;
+    while j < nr {
+        let j2 = (j + 1).min(nr - 1);
+        let mut i = 0;
+        while i < nq {
+            let m = (nq - i).min(4);
+            let d = K::k4x2([q(i), q(i + 1.min(m - 1)), q(i + 2.min(m - 1)), q(i + 3.min(m - 1))], r(j), r(j2));
+            for (x, dx) in d.iter().enumerate().take(m) {
+                out[(i + x) * nr + j] = dx[0];
+                out[(i + x) * nr + j2] = dx[1];
+            }
+            i += m;
+        }
+        j += 2;
+    }
+}
+
 /// Score `queries` against rows `r0..r1`, keeping the top `k` per query.
 fn scan_rows(queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize, k: usize) -> Vec<TopK> {
     let mut tops: Vec<TopK> = (0..queries.len() / dim).map(|_| TopK::new(k)).collect();

@@ -11,6 +11,8 @@ use std::collections::BinaryHeap;
 use crate::{BackendKind, HnswParams, IndexError, Neighbor};
 
 pub mod exact;
+pub(crate) mod halves;
+pub(crate) mod tiled;
 #[cfg(feature = "hnsw-rs")]
 pub mod hnsw_rs;
 #[cfg(feature = "usearch")]

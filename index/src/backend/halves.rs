@@ -1,0 +1,327 @@
+//! Start ⊕ end span rows kept as their distinct halves, for the two-stage search.
+//!
+//! A start ⊕ end span vector is `s · (a ⊕ b)`: `a` the vector of its first sub-token,
+//! `b` that of its last, `s` one over the norm of the pair. The spans of one example that
+//! start at the same character share `a` (up to the scale), those that end at the same
+//! character share `b`: an example of n words has about 5n candidate spans of width ≤ 10
+//! but only n distinct first and n distinct last halves. Each row is then
+//! `α · A ⊕ β · B`, with `A` and `B` the example's stored halves, so a query half is
+//! scored once against each distinct half and each row costs two multiply-adds: about
+//! 5× fewer multiply-adds and bytes read than scanning the rows themselves.
+//!
+//! Nothing here trusts the layout: [`SpanHalves::build`] checks every row against its
+//! halves and gives up (the caller scans rows instead) when one does not match, as with
+//! mean-pooled spans.
+
+use rayon::prelude::*;
+
+use super::exact::{products, FactoredQueries};
+use super::TopK;
+use crate::{Neighbor, SpanRecord};
+
+/// Below this many multiply-adds a search runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// Every example's span rows as distinct halves and per-row coefficients.
+pub(crate) struct SpanHalves {
+    half: usize,
+    /// Distinct halves, `half` wide, row-major: per example its first halves, then its
+    /// last halves.
+    halves: Vec<f32>,
+    examples: Vec<ExampleHalves>,
+    /// Per span row, in span id order.
+    rows: Vec<RowHalves>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ExampleHalves {
+    /// Row of `halves` where the example's first halves begin.
+    halves: u32,
+    starts: u32,
+    ends: u32,
+    /// Span id of its first row; its rows are `rows..rows + n_rows`.
+    rows: u32,
+    n_rows: u32,
+}
+
+/// Row = `alpha · first halves[start] ⊕ beta · last halves[end]` (example-local indices).
+#[derive(Debug, Clone, Copy)]
+struct RowHalves {
+    start: u32,
+    end: u32,
+    alpha: f32,
+    beta: f32,
+}
+
+/// One example's factoring: its distinct halves (first, then last), their counts, its rows.
+type Factored = (Vec<f32>, u32, u32, Vec<RowHalves>);
+
+impl SpanHalves {
+    /// Factors the span rows of every example (`offsets[e]..offsets[e + 1]`), grouping
+    /// rows by their records' start and end characters. `None` when the dimension is odd
+    /// or any row is not its group's halves times a scale (up to rounding).
+    pub(crate) fn build(vectors: &[f32], dim: usize, spans: &[SpanRecord], offsets: &[u32]) -> Option<SpanHalves> {
+        if dim < 2 || dim % 2 != 0 || vectors.len() != spans.len() * dim || offsets.is_empty() {
+            return None;
+        }
+        let parts: Vec<Factored> = offsets
+            .par_windows(2)
+            .map(|w| factor_example(vectors, dim, spans, w[0] as usize..w[1] as usize))
+            .collect::<Option<_>>()?;
+        let mut out = SpanHalves { half: dim / 2, halves: Vec::new(), examples: Vec::with_capacity(parts.len()), rows: Vec::with_capacity(spans.len()) };
+        for (w, part) in offsets.windows(2).zip(parts) {
+            out.append(w[0], part);
+        }
+        Some(out)
+    }
+
+    fn append(&mut self, first_row: u32, (halves, starts, ends, rows): Factored) {
+        self.examples.push(ExampleHalves {
+            halves: (self.halves.len() / self.half) as u32,
+            starts,
+            ends,
+            rows: first_row,
+            n_rows: rows.len() as u32,
+        });
+        self.halves.extend_from_slice(&halves);
+        self.rows.extend_from_slice(&rows);
+    }
+
+    /// Adds the example whose rows are `first_row..` of `vectors`/`spans` (the last one
+    /// added to the index). False if its rows do not factor; then drop the whole structure.
+    pub(crate) fn push_example(&mut self, vectors: &[f32], spans: &[SpanRecord], first_row: u32) -> bool {
+        let dim = 2 * self.half;
+        if first_row as usize != self.rows.len() || vectors.len() != spans.len() * dim {
+            return false;
+        }
+        match factor_example(vectors, dim, spans, first_row as usize..spans.len()) {
+            Some(part) => {
+                self.append(first_row, part);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The top `k` span rows of `examples` (indices, out-of-range ones skipped) for each
+    /// factored query; ids are span ids. The same neighbours as scanning the rows, up to
+    /// rounding.
+    pub(crate) fn search(&self, q: &FactoredQueries<'_>, examples: &[usize], k: usize) -> Vec<Vec<Neighbor>> {
+        let half = self.half;
+        assert!(q.firsts.len() % half == 0 && q.lasts.len() % half == 0, "query halves are not {half} wide");
+        let (nf, nl) = (q.firsts.len() / half, q.lasts.len() / half);
+        assert!(q.pairs.iter().all(|&(f, l, _)| (f as usize) < nf && (l as usize) < nl), "pair out of range");
+        let examples: Vec<usize> = examples.iter().copied().filter(|&e| e < self.examples.len()).collect();
+        let run = |part: &[usize]| {
+            let mut tops: Vec<TopK> = q.pairs.iter().map(|_| TopK::new(k)).collect();
+            let (mut first, mut last) = (Vec::new(), Vec::new());
+            for &e in part {
+                self.score_example(e, q, &mut tops, &mut first, &mut last);
+            }
+            tops
+        };
+        let work: usize = examples.iter().map(|&e| {
+            let x = self.examples[e];
+            (x.starts as usize * nf + x.ends as usize * nl) * half + x.n_rows as usize * q.pairs.len()
+        }).sum();
+        let tasks = if work < PARALLEL_MIN_WORK { 1 } else { (rayon::current_num_threads().max(1) * 2).min(examples.len()) };
+        let tops = if tasks <= 1 {
+            run(&examples)
+        } else {
+            examples.par_chunks(examples.len().div_ceil(tasks)).map(run).reduce_with(|mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    x.merge(y);
+                }
+                a
+            }).unwrap_or_default()
+        };
+        if tops.is_empty() {
+            return q.pairs.iter().map(|_| Vec::new()).collect();
+        }
+        tops.into_iter().map(TopK::into_sorted).collect()
+    }
+
+    /// Scores example `e`'s rows for every query pair into `tops`; `first` and `last` are
+    /// scratch for the query halves' products with the example's halves.
+    fn score_example(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], first: &mut Vec<f32>, last: &mut Vec<f32>) {
+        let x = self.examples[e];
+        let (half, h0, ns, ne) = (self.half, x.halves as usize, x.starts as usize, x.ends as usize);
+        let starts = &self.halves[h0 * half..(h0 + ns) * half];
+        let ends = &self.halves[(h0 + ns) * half..(h0 + ns + ne) * half];
+        first.clear();
+        first.resize(q.firsts.len() / half * ns, 0.0);
+        products(q.firsts, starts, half, first);
+        last.clear();
+        last.resize(q.lasts.len() / half * ne, 0.0);
+        products(q.lasts, ends, half, last);
+        let rows = &self.rows[x.rows as usize..(x.rows + x.n_rows) as usize];
+        for (top, &(f, l, scale)) in tops.iter_mut().zip(q.pairs) {
+            let fr = &first[f as usize * ns..(f as usize + 1) * ns];
+            let lr = &last[l as usize * ne..(l as usize + 1) * ne];
+            for (i, r) in rows.iter().enumerate() {
+                let s = scale * (r.alpha * fr[r.start as usize] + r.beta * lr[r.end as usize]);
+                if s >= top.floor {
+                    top.push(s, x.rows + i as u32);
+                }
+            }
+        }
+    }
+}
+
+/// Factors the rows `rows` (one example's) or `None` if one does not match its halves.
+fn factor_example(vectors: &[f32], dim: usize, spans: &[SpanRecord], rows: std::ops::Range<usize>) -> Option<Factored> {
+    let half = dim / 2;
+    let (starts, start_of) = side(vectors, dim, 0, rows.clone(), |r| spans[r].start)?;
+    let (ends, end_of) = side(vectors, dim, half, rows, |r| spans[r].end)?;
+    let (ns, ne) = ((starts.len() / half) as u32, (ends.len() / half) as u32);
+    let mut halves = starts;
+    halves.extend_from_slice(&ends);
+    let rows = start_of.into_iter().zip(end_of).map(|((start, alpha), (end, beta))| RowHalves { start, end, alpha, beta }).collect();
+    Some((halves, ns, ne, rows))
+}
+
+/// One side (`offset` 0: first halves, `half`: last halves) of an example's rows: the
+/// distinct halves (the largest row of each group sharing `key`) and per row its group
+/// and scale. `None` if a row is not its group's half times its scale.
+fn side(
+    vectors: &[f32],
+    dim: usize,
+    offset: usize,
+    rows: std::ops::Range<usize>,
+    key: impl Fn(usize) -> u32,
+) -> Option<(Vec<f32>, Vec<(u32, f32)>)> {
+    let half = dim / 2;
+    let part = |r: usize| &vectors[r * dim + offset..r * dim + offset + half];
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let (mut keys, mut reps, mut rep_norms) = (Vec::<u32>::new(), Vec::<usize>::new(), Vec::<f32>::new());
+    let mut group_of = Vec::with_capacity(rows.len());
+    for r in rows.clone() {
+        let (k, n) = (key(r), norm(part(r)));
+        let g = match keys.iter().position(|&x| x == k) {
+            Some(g) => g,
+            None => {
+                keys.push(k);
+                reps.push(r);
+                rep_norms.push(n);
+                keys.len() - 1
+            }
+        };
+        if n > rep_norms[g] {
+            reps[g] = r;
+            rep_norms[g] = n;
+        }
+        group_of.push((g, n));
+    }
+    let mut coefs = Vec::with_capacity(group_of.len());
+    for (r, (g, n)) in rows.zip(group_of) {
+        let scale = if rep_norms[g] > 0.0 { n / rep_norms[g] } else { 0.0 };
+        // Rounding leaves each element within a few ulps of the row's norm; rows of
+        // different tokens differ by orders of magnitude more.
+        let tol = 1e-5 * n;
+        if part(r).iter().zip(part(reps[g])).any(|(x, y)| (x - scale * y).abs() > tol) {
+            return None;
+        }
+        coefs.push((g as u32, scale));
+    }
+    Some((reps.iter().flat_map(|&r| part(r).iter().copied()).collect(), coefs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::exact::factored_search_ranges;
+    use crate::{ExampleId, LabelId};
+
+    fn rnd(state: &mut u64) -> f32 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+
+    fn record(example: u32, start: u32, end: u32) -> SpanRecord {
+        SpanRecord { example: ExampleId(example), label: LabelId(0), start, end, text: String::new() }
+    }
+
+    /// Examples of `words[e]` words, every span of width ≤ 4 pooled start ⊕ end from
+    /// random token vectors and normalized, as the index stores them.
+    fn start_end_rows(words: &[usize], half: usize, state: &mut u64) -> (Vec<f32>, Vec<SpanRecord>, Vec<u32>) {
+        let (mut vectors, mut spans, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
+        for (e, &n) in words.iter().enumerate() {
+            let tokens: Vec<Vec<f32>> = (0..n).map(|_| (0..half).map(|_| rnd(state)).collect()).collect();
+            for s in 0..n {
+                for t in s + 1..=(s + 4).min(n) {
+                    let row: Vec<f32> = tokens[s].iter().chain(&tokens[t - 1]).copied().collect();
+                    let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    vectors.extend(row.iter().map(|x| x / norm));
+                    spans.push(record(e as u32, 10 * s as u32, 10 * t as u32 - 1));
+                }
+            }
+            offsets.push(spans.len() as u32);
+        }
+        (vectors, spans, offsets)
+    }
+
+    #[test]
+    fn halves_search_finds_what_the_row_scan_finds() {
+        let mut state = 11u64;
+        // 1,000 examples at 96 dims: enough work for the parallel path
+        let half = 48;
+        let words: Vec<usize> = (0..1000).map(|i| 1 + i % 9).collect();
+        let (vectors, spans, offsets) = start_end_rows(&words, half, &mut state);
+        let h = SpanHalves::build(&vectors, 2 * half, &spans, &offsets).expect("start-end rows factor");
+        assert!(h.halves.len() < vectors.len() / 2, "fewer halves than rows");
+        let (nf, nl) = (5, 4);
+        let firsts: Vec<f32> = (0..nf * half).map(|_| rnd(&mut state)).collect();
+        let lasts: Vec<f32> = (0..nl * half).map(|_| rnd(&mut state)).collect();
+        let pairs: Vec<(u32, u32, f32)> = (0..17).map(|p| ((p % nf) as u32, (p * 3 % nl) as u32, 0.5 + p as f32 / 10.0)).collect();
+        let q = FactoredQueries { firsts: &firsts, lasts: &lasts, pairs: &pairs };
+        // a few examples (serial path) and all of them (parallel path), unknown ids skipped
+        for chosen in [vec![3usize, 17, 250, 9999], (0..1000).collect()] {
+            let ranges: Vec<std::ops::Range<usize>> = chosen
+                .iter()
+                .filter(|&&e| e < 1000)
+                .map(|&e| offsets[e] as usize..offsets[e + 1] as usize)
+                .collect();
+            let want = factored_search_ranges(&vectors, 2 * half, &q, &ranges, 7);
+            let got = h.search(&q, &chosen, 7);
+            assert_eq!(got.len(), pairs.len());
+            for (p, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.len(), w.len());
+                for (a, b) in g.iter().zip(w) {
+                    assert!((a.similarity - b.similarity).abs() < 1e-5, "query {p}: {a:?} vs {b:?}");
+                }
+                assert_eq!(g[0].id, w[0].id, "query {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_that_are_not_start_end_do_not_factor() {
+        let mut state = 5u64;
+        let (mut vectors, spans, offsets) = start_end_rows(&[4, 6], 8, &mut state);
+        assert!(SpanHalves::build(&vectors, 16, &spans, &offsets).is_some());
+        // one element of one row's first half changed: that row no longer shares its half
+        vectors[16 * 3 + 2] += 0.01;
+        assert!(SpanHalves::build(&vectors, 16, &spans, &offsets).is_none());
+        // odd dimensions never factor
+        assert!(SpanHalves::build(&vectors[..15 * spans.len()], 15, &spans, &offsets).is_none());
+    }
+
+    #[test]
+    fn pushing_examples_matches_building_at_once() {
+        let mut state = 3u64;
+        let (vectors, spans, offsets) = start_end_rows(&[3, 7, 2], 12, &mut state);
+        let all = SpanHalves::build(&vectors, 24, &spans, &offsets).unwrap();
+        let mut grown = SpanHalves::build(&vectors[..offsets[1] as usize * 24], 24, &spans[..offsets[1] as usize], &offsets[..2]).unwrap();
+        for e in 1..3 {
+            let end = offsets[e + 1] as usize;
+            assert!(grown.push_example(&vectors[..end * 24], &spans[..end], offsets[e]));
+        }
+        assert_eq!(grown.halves, all.halves);
+        assert_eq!(grown.examples.len(), 3);
+        assert_eq!(grown.rows.len(), all.rows.len());
+        // a row out of order is refused
+        assert!(!grown.push_example(&vectors, &spans, 0));
+    }
+}
