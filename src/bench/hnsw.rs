@@ -84,9 +84,53 @@ pub struct HnswBenchArgs {
     /// Neither read nor write a cache.
     #[arg(long, conflicts_with_all = ["cache", "rebuild"])]
     pub no_cache: bool,
-    /// Results file: key `hnsw`, and `hnsw_1m_query_p50_us` / `hnsw_1m_recall_at_1` when N = 10^6.
+    /// Real span vectors instead of the synthetic clusters: the first N spans of this
+    /// nearspan index (built with `--pooling mean` for 384 dimensions).
+    #[arg(long, requires = "spans_queries", value_name = "INDEX")]
+    pub spans_index: Option<PathBuf>,
+    /// With --spans-index: queries are --queries spans spread evenly over this index
+    /// (e.g. built from a test split, so that no query is in the searched index).
+    #[arg(long, requires = "spans_index", value_name = "INDEX")]
+    pub spans_queries: Option<PathBuf>,
+    /// Results file: key `hnsw`, and `hnsw_1m_query_p50_us` / `hnsw_1m_recall_at_1` when N = 10^6
+    /// (with --spans-index: `hnsw_spans`, `hnsw_1m_spans_query_p50_us`, `hnsw_1m_spans_recall_at_1`).
     #[arg(long, default_value = "benches/results/speed.json")]
     pub out: PathBuf,
+}
+
+/// Real span vectors: the first N spans of one index, queries spread over another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpanSource {
+    pub index: PathBuf,
+    pub queries: PathBuf,
+}
+
+impl SpanSource {
+    pub const DESCRIPTION: &'static str = "span vectors stored in nearspan indexes: the first n spans of `index`, \
+        and `queries` spans spread evenly (span i * total / queries) over the `queries` index";
+
+    /// The first `n` span vectors of the index and `nq` query vectors, both `dim` wide.
+    fn load(&self, n: usize, nq: usize, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let open = |path: &Path| -> Result<nearspan_index::SpanIndex> {
+            let index = nearspan_index::SpanIndex::open(path, None).with_context(|| format!("{}: cannot open the index", path.display()))?;
+            ensure!(
+                index.encoder().dim as usize == dim,
+                "{}: span vectors have {} dimensions, the benchmark {dim} (--dim)",
+                path.display(),
+                index.encoder().dim
+            );
+            Ok(index)
+        };
+        let index = open(&self.index)?;
+        ensure!(index.n_spans() >= n, "{}: holds {} spans, --n asks for {n}", self.index.display(), index.n_spans());
+        let vectors = (0..n as u32).flat_map(|i| index.span_vector(i).iter().copied()).collect();
+        drop(index);
+        let queries = open(&self.queries)?;
+        let total = queries.n_spans();
+        ensure!(total >= nq, "{}: holds {total} spans, --queries asks for {nq}", self.queries.display());
+        let picked = (0..nq).flat_map(|i| queries.span_vector((i * total / nq) as u32).iter().copied()).collect();
+        Ok((vectors, picked))
+    }
 }
 
 /// Clustered unit vectors, seeded (see the module docs).
@@ -161,6 +205,8 @@ pub struct HnswBench {
     pub n: usize,
     pub queries: usize,
     pub data: Clusters,
+    /// Real span vectors instead of `data` (whose `dim` still applies).
+    pub spans: Option<SpanSource>,
     /// `m` and `ef_construction` are used; `ef_search` is replaced by each of `efs`.
     pub params: HnswParams,
     pub efs: Vec<usize>,
@@ -190,7 +236,10 @@ pub struct HnswReport {
     pub dim: usize,
     pub queries: usize,
     pub data: Clusters,
-    /// [`Clusters::DESCRIPTION`], so that the results file says how the data was made.
+    /// Set when the vectors are real spans (then `data` holds only the dimension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spans: Option<SpanSource>,
+    /// [`Clusters::DESCRIPTION`] or [`SpanSource::DESCRIPTION`]: how the data was made.
     pub generator: &'static str,
     pub backend: String,
     pub m: usize,
@@ -234,6 +283,9 @@ struct CacheKey {
     /// sha256 of the first row of every generator block and of the last row: catches a
     /// generator whose output changed (e.g. a new `rand`) while the parameters did not.
     data_fingerprint: String,
+    /// Absent for synthetic data (and in caches written before real spans existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spans: Option<SpanSource>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,6 +301,17 @@ impl HnswBench {
     /// The cache file used when none is given: named after everything that shapes the graph.
     pub fn default_cache_path(&self) -> PathBuf {
         let d = &self.data;
+        let precision = match self.params.graph_precision {
+            GraphPrecision::F32 => "",
+            GraphPrecision::Bf16 => "-bf16",
+        };
+        if let Some(s) = &self.spans {
+            let stem = s.index.file_stem().map_or("index".into(), |x| x.to_string_lossy().into_owned());
+            return PathBuf::from("target/bench-cache").join(format!(
+                "hnsw-spans-{stem}-{}x{}-m{}-efc{}{precision}.usearch",
+                self.n, d.dim, self.params.m, self.params.ef_construction
+            ));
+        }
         PathBuf::from("target/bench-cache").join(format!(
             "hnsw-{}x{}-c{}-noise{}-seed{}-m{}-efc{}{}.usearch",
             self.n,
@@ -282,10 +345,13 @@ impl HnswBench {
         self.check()?;
         let (n, dim, nq) = (self.n, self.data.dim, self.queries);
         let t = Instant::now();
-        let vectors = Vectors::from_vec(dim, self.data.index_vectors(n));
-        let queries = self.data.queries(nq);
+        let (vectors, queries) = match &self.spans {
+            Some(s) => s.load(n, nq, dim)?,
+            None => (self.data.index_vectors(n), self.data.queries(nq)),
+        };
+        let vectors = Vectors::from_vec(dim, vectors);
         let generate_s = t.elapsed().as_secs_f64();
-        writeln!(log, "generated {n} + {nq} vectors of {dim} dims in {generate_s:.1} s")?;
+        writeln!(log, "{} {n} + {nq} vectors of {dim} dims in {generate_s:.1} s", if self.spans.is_some() { "read" } else { "generated" })?;
 
         let key = CacheKey {
             n,
@@ -294,6 +360,7 @@ impl HnswBench {
             ef_construction: self.params.ef_construction,
             graph_precision: self.params.graph_precision,
             data_fingerprint: fingerprint(&vectors),
+            spans: self.spans.clone(),
         };
         let cached = match &self.cache {
             Some(path) if !self.rebuild => load_graph(path, &key, &self.params)?,
@@ -342,7 +409,8 @@ impl HnswBench {
             dim,
             queries: nq,
             data: self.data,
-            generator: Clusters::DESCRIPTION,
+            spans: self.spans.clone(),
+            generator: if self.spans.is_some() { SpanSource::DESCRIPTION } else { Clusters::DESCRIPTION },
             backend: backend.kind().to_string(),
             m: self.params.m,
             ef_construction: self.params.ef_construction,
@@ -396,14 +464,17 @@ fn time_queries(backend: &dyn AnnBackend, data: &Vectors, queries: &[f32], k: us
     (lat, got)
 }
 
-/// Fraction of the true top-`k` ids found in the returned top `k`.
+/// Fraction of the true top `k` found in the returned top `k`. A returned row counts
+/// if it is among the true top `k` or exactly as similar as the true `k`-th (real spans
+/// hold exact duplicates, e.g. a repeated sentence, which tie in any order).
 fn recall(got: &[Vec<Neighbor>], truth: &[Vec<Neighbor>], k: usize) -> f64 {
     let hits: usize = got
         .iter()
         .zip(truth)
         .map(|(g, t)| {
             let want = &t[..k.min(t.len())];
-            g.iter().take(k).filter(|h| want.iter().any(|w| w.id == h.id)).count()
+            let kth = want.last().map_or(f32::INFINITY, |w| w.similarity);
+            g.iter().take(k).filter(|h| want.iter().any(|w| w.id == h.id) || h.similarity >= kth).count()
         })
         .sum();
     let total: usize = truth.iter().map(|t| k.min(t.len())).sum();
@@ -481,6 +552,7 @@ pub fn run(a: HnswBenchArgs, out: &mut dyn Write) -> Result<()> {
         n: a.n,
         queries: a.queries,
         data: Clusters { dim: a.dim, centres: a.centres, noise: a.noise, seed: a.seed },
+        spans: a.spans_index.clone().zip(a.spans_queries.clone()).map(|(index, queries)| SpanSource { index, queries }),
         params: HnswParams {
             m: a.m,
             ef_construction: a.ef_construction,
@@ -504,11 +576,15 @@ pub fn run(a: HnswBenchArgs, out: &mut dyn Write) -> Result<()> {
     detail["command"] = super::encoder::command_line().into();
     detail["loadavg_1min_before"] = load_before.into();
     detail["loadavg_1min_after"] = super::loadavg_1min().into();
-    super::merge_result(&a.out, &["hnsw"], detail)?;
+    let (key, headline) = match report.spans {
+        Some(_) => ("hnsw_spans", "hnsw_1m_spans"),
+        None => ("hnsw", "hnsw_1m"),
+    };
+    super::merge_result(&a.out, &[key], detail)?;
     if report.n == HEADLINE_N {
         let h = report.headline();
-        super::merge_result(&a.out, &["hnsw_1m_query_p50_us"], h.p50_us.into())?;
-        super::merge_result(&a.out, &["hnsw_1m_recall_at_1"], h.recall_at_1.into())?;
+        super::merge_result(&a.out, &[&format!("{headline}_query_p50_us")], h.p50_us.into())?;
+        super::merge_result(&a.out, &[&format!("{headline}_recall_at_1")], h.recall_at_1.into())?;
     }
     writeln!(out, "wrote {}", a.out.display())?;
     Ok(())
@@ -516,10 +592,14 @@ pub fn run(a: HnswBenchArgs, out: &mut dyn Write) -> Result<()> {
 
 fn write_table(out: &mut dyn Write, r: &HnswReport) -> Result<()> {
     let d = &r.data;
+    let data = match &r.spans {
+        Some(s) => format!("spans of {}, queries from {}", s.index.display(), s.queries.display()),
+        None => format!("{} centres, noise {}, seed {}", d.centres, d.noise, d.seed),
+    };
     writeln!(
         out,
-        "usearch HNSW, n = {}, dim {}, {} centres, noise {}, seed {}; M = {}, efConstruction = {}; {} queries, one at a time",
-        r.n, r.dim, d.centres, d.noise, d.seed, r.m, r.ef_construction, r.queries
+        "usearch HNSW, n = {}, dim {}, {data}; M = {}, efConstruction = {}; {} queries, one at a time",
+        r.n, r.dim, r.m, r.ef_construction, r.queries
     )?;
     writeln!(
         out,
@@ -568,6 +648,57 @@ mod tests {
     }
 
     #[test]
+    fn recall_counts_exact_ties_with_the_kth_as_found() {
+        let n = |id: u32, similarity: f32| Neighbor { id, similarity };
+        let truth = vec![vec![n(1, 0.9), n(2, 0.8)]];
+        // id 7 ties with the true 2nd: found; id 8 is less similar: missed
+        assert_eq!(recall(&[vec![n(1, 0.9), n(7, 0.8)]], &truth, 2), 1.0);
+        assert_eq!(recall(&[vec![n(1, 0.9), n(8, 0.7)]], &truth, 2), 0.5);
+        assert_eq!(recall(&[vec![n(2, 0.8)]], &truth, 1), 0.0);
+    }
+
+    /// Real-span mode: the first N spans of one index, queries from another, their own
+    /// cache key; too few spans is an error naming the file.
+    #[test]
+    fn hnsw_bench_reads_span_vectors_from_indexes() {
+        use nearspan_index::{EncoderInfo, NewSpan, SpanIndex};
+        let dir = tempfile::tempdir().unwrap();
+        let d = data();
+        let write = |name: &str, rows: Vec<f32>| {
+            let info = EncoderInfo { model_id: "t".into(), revision: "0".into(), pooling: "mean".into(), max_width: 4, dim: d.dim as u32 };
+            let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
+            for ex in rows.chunks(d.dim * 10) {
+                let spans: Vec<(NewSpan<'_>, &[f32])> =
+                    ex.chunks_exact(d.dim).map(|v| (NewSpan { label: "x", start: 0, end: 1, text: "a" }, v)).collect();
+                index.add_example("a", None, &ex[..d.dim], &spans).unwrap();
+            }
+            let path = dir.path().join(name);
+            index.save(&path).unwrap();
+            path
+        };
+        let source = SpanSource { index: write("train.nsi", d.index_vectors(2500)), queries: write("test.nsi", d.queries(400)) };
+        let bench = HnswBench {
+            n: 2000,
+            queries: 40,
+            data: d,
+            spans: Some(source.clone()),
+            params: HnswParams::default(),
+            efs: vec![64],
+            target_recall: 0.9,
+            cache: Some(dir.path().join("g.usearch")),
+            rebuild: false,
+        };
+        let r = bench.measure(&mut std::io::sink()).unwrap();
+        assert_eq!((r.spans.as_ref(), r.generator), (Some(&source), SpanSource::DESCRIPTION));
+        assert!(r.per_ef[0].recall_at_1 >= 0.9, "recall@1 {}", r.per_ef[0].recall_at_1);
+        // the synthetic data of the same shape must not reuse this graph
+        let err = HnswBench { spans: None, ..bench.clone() }.measure(&mut std::io::sink()).unwrap_err().to_string();
+        assert!(err.contains("--rebuild"), "{err}");
+        let err = HnswBench { n: 3000, cache: None, ..bench }.measure(&mut std::io::sink()).unwrap_err();
+        assert!(format!("{err:#}").contains("train.nsi: holds 2500 spans, --n asks for 3000"), "{err:#}");
+    }
+
+    #[test]
     fn hnsw_bench_cli_takes_an_ef_list() {
         use clap::Parser;
         use crate::cli::{BenchCommand, Cli, Command};
@@ -584,6 +715,7 @@ mod tests {
             n: 2000,
             queries: 50,
             data: data(),
+            spans: None,
             params: HnswParams::default(),
             efs: vec![8, 64],
             target_recall: 0.9,
