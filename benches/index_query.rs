@@ -4,6 +4,9 @@
 //! with k = 10, and `search_spans_batch` of 45 queries with k = 10, the labeler's call
 //! for a median SNIPS utterance (45 candidate spans). And `search_spans_among` (the
 //! `--prefilter` path): the same 45 queries among the spans of 64 examples of 50 spans.
+//! And `search_spans_among_factored`, the `--prefilter` path with start ⊕ end spans:
+//! 2,000 examples of 10 words (55 spans of width ≤ 10 each, 768 dims from random
+//! 384-dim token vectors), one 10-word utterance's 55 spans among 64 examples.
 //!
 //! The usearch graph takes about a minute to build on 2 cores, so the index is saved to
 //! `target/bench-cache/index_query_100k.nsi` and opened by later runs.
@@ -13,6 +16,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use nearspan::bench::hnsw::Clusters;
+use nearspan_index::backend::exact::FactoredQueries;
 use nearspan_index::{BackendKind, EncoderInfo, ExampleId, HnswParams, NewSpan, SpanIndex};
 
 const N: usize = 100_000;
@@ -81,6 +85,30 @@ fn usearch_index(vectors: &[f32]) -> SpanIndex {
     index
 }
 
+/// Start ⊕ end span rows of 2,000 examples of 10 words, as the labeler indexes them,
+/// and one 10-word query utterance's token vectors.
+fn start_end_index() -> (SpanIndex, Vec<f32>) {
+    let half = DATA.dim;
+    let words = 10;
+    let tokens = Clusters { dim: half, centres: 100, noise: 0.8, seed: 7 }.index_vectors(2000 * words + words);
+    let info = EncoderInfo { pooling: "start-end".into(), max_width: 10, dim: 2 * half as u32, ..encoder_info() };
+    let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
+    for (e, t) in tokens.chunks_exact(words * half).take(2000).enumerate() {
+        let mut rows: Vec<(u32, u32, Vec<f32>)> = Vec::new();
+        for s in 0..words {
+            for end in s + 1..=words {
+                let v: Vec<f32> = t[s * half..(s + 1) * half].iter().chain(&t[(end - 1) * half..end * half]).map(|x| x / 2f32.sqrt()).collect();
+                rows.push((s as u32, end as u32, v));
+            }
+        }
+        let spans: Vec<(NewSpan<'_>, &[f32])> =
+            rows.iter().map(|(a, b, v)| (NewSpan { label: "slot", start: *a, end: *b, text: "" }, &v[..])).collect();
+        let utterance: Vec<f32> = t[..half].iter().chain(&t[..half]).copied().collect();
+        index.add_example(&format!("example {e}"), None, &utterance, &spans).unwrap();
+    }
+    (index, tokens[2000 * words * half..].to_vec())
+}
+
 fn search(c: &mut Criterion) {
     let vectors = DATA.index_vectors(N);
     let queries = DATA.queries(200);
@@ -111,6 +139,17 @@ fn search(c: &mut Criterion) {
     let batch = &queries[..BATCH * dim];
     g.bench_function(BenchmarkId::new(format!("search_spans_among{PREFILTER}_batch{BATCH}_k10"), "exact"), |b| {
         b.iter(|| grouped.search_spans_among(batch, 10, &chosen))
+    });
+    drop(grouped);
+    let (start_end, query_tokens) = start_end_index();
+    assert!(start_end.prepare_factored_search());
+    let pairs: Vec<(u32, u32, f32)> =
+        (0..10u32).flat_map(|s| (s..10).map(move |e| (s, e, 1.0 / 2f32.sqrt()))).collect();
+    let factored = FactoredQueries { firsts: &query_tokens, lasts: &query_tokens, pairs: &pairs };
+    let chosen: Vec<ExampleId> = (0..PREFILTER).map(|i| ExampleId(i * 31 % 2000)).collect();
+    g.throughput(Throughput::Elements(pairs.len() as u64));
+    g.bench_function(BenchmarkId::new(format!("search_spans_among_factored{PREFILTER}_spans55_k10"), "halves"), |b| {
+        b.iter(|| start_end.search_spans_among_factored(&factored, 10, &chosen))
     });
     g.finish();
 }

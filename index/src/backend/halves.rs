@@ -114,9 +114,9 @@ impl SpanHalves {
         let examples: Vec<usize> = examples.iter().copied().filter(|&e| e < self.examples.len()).collect();
         let run = |part: &[usize]| {
             let mut tops: Vec<TopK> = q.pairs.iter().map(|_| TopK::new(k)).collect();
-            let (mut first, mut last) = (Vec::new(), Vec::new());
+            let mut scratch = Scratch { floors: vec![f32::NEG_INFINITY; q.pairs.len()], ..Scratch::default() };
             for &e in part {
-                self.score_example(e, q, &mut tops, &mut first, &mut last);
+                self.score_example(e, q, &mut tops, &mut scratch);
             }
             tops
         };
@@ -141,31 +141,99 @@ impl SpanHalves {
         tops.into_iter().map(TopK::into_sorted).collect()
     }
 
-    /// Scores example `e`'s rows for every query pair into `tops`; `first` and `last` are
-    /// scratch for the query halves' products with the example's halves.
-    fn score_example(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], first: &mut Vec<f32>, last: &mut Vec<f32>) {
+    /// Scores example `e`'s rows for every query pair into `tops`.
+    ///
+    /// The query halves' products with the example's halves come first; then, per
+    /// distinct half, the products of every pair, scaled (`by_start`, `by_end`: pairs
+    /// contiguous), so each row scores all pairs as one vectorizable `α·g + β·h`.
+    fn score_example(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], w: &mut Scratch) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { self.score_example_avx512(e, q, tops, w) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: as above.
+                return unsafe { self.score_example_avx2(e, q, tops, w) };
+            }
+        }
+        self.score_example_impl(e, q, tops, w)
+    }
+
+    /// [`score_example`](Self::score_example) compiled so that its per-row loop uses
+    /// 16-lane vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn score_example_avx512(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], w: &mut Scratch) {
+        self.score_example_impl(e, q, tops, w)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn score_example_avx2(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], w: &mut Scratch) {
+        self.score_example_impl(e, q, tops, w)
+    }
+
+    #[inline(always)]
+    fn score_example_impl(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], w: &mut Scratch) {
         let x = self.examples[e];
-        let (half, h0, ns, ne) = (self.half, x.halves as usize, x.starts as usize, x.ends as usize);
+        let (half, h0, ns, ne, np) = (self.half, x.halves as usize, x.starts as usize, x.ends as usize, q.pairs.len());
         let starts = &self.halves[h0 * half..(h0 + ns) * half];
         let ends = &self.halves[(h0 + ns) * half..(h0 + ns + ne) * half];
-        first.clear();
-        first.resize(q.firsts.len() / half * ns, 0.0);
-        products(q.firsts, starts, half, first);
-        last.clear();
-        last.resize(q.lasts.len() / half * ne, 0.0);
-        products(q.lasts, ends, half, last);
+        refill(&mut w.first, q.firsts.len() / half * ns);
+        products(q.firsts, starts, half, &mut w.first);
+        refill(&mut w.last, q.lasts.len() / half * ne);
+        products(q.lasts, ends, half, &mut w.last);
+        refill(&mut w.by_start, ns * np);
+        refill(&mut w.by_end, ne * np);
+        for (p, &(f, l, scale)) in q.pairs.iter().enumerate() {
+            let (f, l) = (f as usize, l as usize);
+            for j in 0..ns {
+                w.by_start[j * np + p] = scale * w.first[f * ns + j];
+            }
+            for j in 0..ne {
+                w.by_end[j * np + p] = scale * w.last[l * ne + j];
+            }
+        }
+        refill(&mut w.scores, np);
         let rows = &self.rows[x.rows as usize..(x.rows + x.n_rows) as usize];
-        for (top, &(f, l, scale)) in tops.iter_mut().zip(q.pairs) {
-            let fr = &first[f as usize * ns..(f as usize + 1) * ns];
-            let lr = &last[l as usize * ne..(l as usize + 1) * ne];
-            for (i, r) in rows.iter().enumerate() {
-                let s = scale * (r.alpha * fr[r.start as usize] + r.beta * lr[r.end as usize]);
-                if s >= top.floor {
+        for (i, r) in rows.iter().enumerate() {
+            let g = &w.by_start[r.start as usize * np..][..np];
+            let h = &w.by_end[r.end as usize * np..][..np];
+            let mut any = false;
+            for (((s, g), h), floor) in w.scores.iter_mut().zip(g).zip(h).zip(&w.floors) {
+                *s = r.alpha * g + r.beta * h;
+                any |= *s >= *floor;
+            }
+            if !any {
+                continue;
+            }
+            for (p, (&s, top)) in w.scores.iter().zip(tops.iter_mut()).enumerate() {
+                if s >= w.floors[p] {
                     top.push(s, x.rows + i as u32);
+                    w.floors[p] = top.floor;
                 }
             }
         }
     }
+}
+
+/// Per-task buffers of [`SpanHalves::search`], reused across examples.
+#[derive(Default)]
+struct Scratch {
+    first: Vec<f32>,
+    last: Vec<f32>,
+    by_start: Vec<f32>,
+    by_end: Vec<f32>,
+    scores: Vec<f32>,
+    /// `tops[p].floor`, contiguous.
+    floors: Vec<f32>,
+}
+
+fn refill(v: &mut Vec<f32>, len: usize) {
+    v.clear();
+    v.resize(len, 0.0);
 }
 
 /// Factors the rows `rows` (one example's) or `None` if one does not match its halves.
