@@ -772,13 +772,7 @@ mod tests {
     /// 1-3, odd row counts, row counts below and above the parallel threshold.
     #[test]
     fn matches_naive_on_odd_shapes() {
-        let mut state = 12345u64;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rnd = crate::backend::test_floats(12345);
         for &(n, dim, nq) in &[(1, 3, 1), (7, 13, 2), (300, 37, 5), (5000, 64, 19), (20_001, 24, 3)] {
             let data: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();
             let qs: Vec<f32> = (0..nq * dim).map(|_| rnd()).collect();
@@ -799,13 +793,7 @@ mod tests {
     /// mapped back to the full matrix; large enough to take the parallel path too.
     #[test]
     fn range_search_matches_naive_on_the_subset() {
-        let mut state = 99u64;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rnd = crate::backend::test_floats(99);
         for &(n, dim, nq) in &[(50, 13, 3), (40_000, 40, 33)] {
             let data: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();
             let qs: Vec<f32> = (0..nq * dim).map(|_| rnd()).collect();
@@ -830,13 +818,7 @@ mod tests {
     /// the parallel path, with odd half widths and odd row counts.
     #[test]
     fn factored_search_matches_concatenated_queries() {
-        let mut state = 7u64;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rnd = crate::backend::test_floats(7);
         for &(n, dim, nf, nl) in &[(31, 26, 3, 5), (30_001, 48, 7, 6)] {
             let half = dim / 2;
             let data: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();

@@ -300,23 +300,16 @@ mod tests {
     use crate::backend::exact::factored_search_ranges;
     use crate::{ExampleId, LabelId};
 
-    fn rnd(state: &mut u64) -> f32 {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        (*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    }
-
     fn record(example: u32, start: u32, end: u32) -> SpanRecord {
         SpanRecord { example: ExampleId(example), label: LabelId(0), start, end, text: String::new() }
     }
 
     /// Examples of `words[e]` words, every span of width ≤ 4 pooled start ⊕ end from
     /// random token vectors and normalized, as the index stores them.
-    fn start_end_rows(words: &[usize], half: usize, state: &mut u64) -> (Vec<f32>, Vec<SpanRecord>, Vec<u32>) {
+    fn start_end_rows(words: &[usize], half: usize, rnd: &mut impl FnMut() -> f32) -> (Vec<f32>, Vec<SpanRecord>, Vec<u32>) {
         let (mut vectors, mut spans, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
         for (e, &n) in words.iter().enumerate() {
-            let tokens: Vec<Vec<f32>> = (0..n).map(|_| (0..half).map(|_| rnd(state)).collect()).collect();
+            let tokens: Vec<Vec<f32>> = (0..n).map(|_| (0..half).map(|_| rnd()).collect()).collect();
             for s in 0..n {
                 for t in s + 1..=(s + 4).min(n) {
                     let row: Vec<f32> = tokens[s].iter().chain(&tokens[t - 1]).copied().collect();
@@ -332,16 +325,16 @@ mod tests {
 
     #[test]
     fn halves_search_finds_what_the_row_scan_finds() {
-        let mut state = 11u64;
+        let mut rnd = crate::backend::test_floats(11);
         // 1,000 examples at 96 dims: enough work for the parallel path
         let half = 48;
         let words: Vec<usize> = (0..1000).map(|i| 1 + i % 9).collect();
-        let (vectors, spans, offsets) = start_end_rows(&words, half, &mut state);
+        let (vectors, spans, offsets) = start_end_rows(&words, half, &mut rnd);
         let h = SpanHalves::build(&vectors, 2 * half, &spans, &offsets).expect("start-end rows factor");
         assert!(h.halves.len() < vectors.len() / 2, "fewer halves than rows");
         let (nf, nl) = (5, 4);
-        let firsts: Vec<f32> = (0..nf * half).map(|_| rnd(&mut state)).collect();
-        let lasts: Vec<f32> = (0..nl * half).map(|_| rnd(&mut state)).collect();
+        let firsts: Vec<f32> = (0..nf * half).map(|_| rnd()).collect();
+        let lasts: Vec<f32> = (0..nl * half).map(|_| rnd()).collect();
         let pairs: Vec<(u32, u32, f32)> = (0..17).map(|p| ((p % nf) as u32, (p * 3 % nl) as u32, 0.5 + p as f32 / 10.0)).collect();
         let q = FactoredQueries { firsts: &firsts, lasts: &lasts, pairs: &pairs };
         // a few examples (serial path) and all of them (parallel path), unknown ids skipped
@@ -366,8 +359,8 @@ mod tests {
 
     #[test]
     fn rows_that_are_not_start_end_do_not_factor() {
-        let mut state = 5u64;
-        let (mut vectors, spans, offsets) = start_end_rows(&[4, 6], 8, &mut state);
+        let mut rnd = crate::backend::test_floats(5);
+        let (mut vectors, spans, offsets) = start_end_rows(&[4, 6], 8, &mut rnd);
         assert!(SpanHalves::build(&vectors, 16, &spans, &offsets).is_some());
         // one element of one row's first half changed: that row no longer shares its half
         vectors[16 * 3 + 2] += 0.01;
@@ -378,8 +371,8 @@ mod tests {
 
     #[test]
     fn pushing_examples_matches_building_at_once() {
-        let mut state = 3u64;
-        let (vectors, spans, offsets) = start_end_rows(&[3, 7, 2], 12, &mut state);
+        let mut rnd = crate::backend::test_floats(3);
+        let (vectors, spans, offsets) = start_end_rows(&[3, 7, 2], 12, &mut rnd);
         let all = SpanHalves::build(&vectors, 24, &spans, &offsets).unwrap();
         let mut grown = SpanHalves::build(&vectors[..offsets[1] as usize * 24], 24, &spans[..offsets[1] as usize], &offsets[..2]).unwrap();
         for e in 1..3 {

@@ -204,6 +204,18 @@ pub(crate) fn sort_hits(mut v: Vec<Neighbor>, k: usize) -> Vec<Neighbor> {
     v
 }
 
+/// Seeded uniform floats in [-0.5, 0.5) (xorshift) for the backends' tests.
+#[cfg(test)]
+pub(crate) fn test_floats(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

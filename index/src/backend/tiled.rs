@@ -67,13 +67,7 @@ mod tests {
     #[test]
     fn folded_search_scores_like_the_full_rows() {
         let width = 20;
-        let mut state = 9u64;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rnd = crate::backend::test_floats(9);
         let rows: Vec<f32> = (0..300).flat_map(|_| {
             let b: Vec<f32> = (0..width).map(|_| rnd()).collect();
             b.iter().chain(&b).copied().collect::<Vec<_>>()
