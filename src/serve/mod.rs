@@ -282,7 +282,9 @@ pub fn run(a: ServeArgs, out: &mut dyn Write) -> Result<()> {
         routes::check_origin(origin)?;
     }
     let encoder = a.model.load()?;
-    let index = crate::cli::open_index(&a.index, &encoder)?;
+    let mut index = crate::cli::open_index(&a.index, &encoder)?;
+    // --ef, and with --prefilter the span halves built before the first request.
+    a.settings.apply(&mut index);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     let options = Options { limits: a.limits, query, api_key: a.api_key, cors_origins: a.cors_origin };
     let result = rt.block_on(async {
