@@ -269,6 +269,32 @@ fn api_parses_adds_examples_and_reports() {
     assert!(metric(&m.text, "nearspan_index_spans").unwrap() > 2000.0);
 }
 
+/// With `--prefilter 1` every slot's neighbours come from the one example nearest the
+/// whole utterance, also for an example added while serving (the index's span halves
+/// grow with it).
+#[test]
+fn prefilter_takes_neighbours_from_the_nearest_example_also_after_an_add() {
+    let (_dir, index) = fresh_index();
+    let s = Server::start(&index, &["--api-key", "k", "--prefilter", "1"]);
+    let text = "make the hallway light sky blue";
+    let sources = |p: &Value| -> Vec<String> {
+        p["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|slot| slot["neighbours"].as_array().unwrap().iter().map(|n| n["example"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let before = sources(&parse(&s, &[text])[0]);
+    assert!(before.iter().all(|e| e == &before[0]), "{before:?}");
+    let added = post(&s.at("/v1/examples"), &format!(r#"{{"examples": [{COLOUR_EXAMPLE}]}}"#), &[("x-api-key", "k")]);
+    assert_eq!(added.status, 200, "{}", added.text);
+    let after = parse(&s, &[text]);
+    assert!(slots(&after[0]).contains(&("sky blue".into(), "colour".into())), "{}", after[0]);
+    let sources = sources(&after[0]);
+    assert!(sources.iter().all(|e| e == text), "{sources:?}");
+}
+
 #[test]
 fn a_full_queue_answers_503_with_retry_after() {
     let (_dir, index) = fresh_index();
