@@ -11,15 +11,13 @@
 
 use rayon::prelude::*;
 
-use super::{AnnBackend, TopK, Vectors};
+use super::{run_parts, AnnBackend, TopK, Vectors, PARALLEL_MIN_WORK};
 use crate::{BackendKind, IndexError, Neighbor};
 
 /// Queries per block.
 pub const QUERY_BLOCK: usize = 16;
 /// Rows per cache block.
 pub const ROW_BLOCK: usize = 128;
-/// Below this many multiply-adds a search runs on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// Smallest row chunk handed to one rayon task.
 const MIN_CHUNK_ROWS: usize = 2048;
 
@@ -118,16 +116,8 @@ pub fn exact_search_ranges(
     } else {
         (rayon::current_num_threads().max(1) * 2).min(rows.div_ceil(ROW_BLOCK))
     };
-    let tops = if tasks <= 1 {
-        run(ranges)
-    } else {
-        split_rows(ranges, rows.div_ceil(tasks)).par_iter().map(|part| run(part)).reduce_with(|mut a, b| {
-            for (x, y) in a.iter_mut().zip(b) {
-                x.merge(y);
-            }
-            a
-        }).unwrap_or_default()
-    };
+    let parts = if tasks <= 1 { vec![ranges.to_vec()] } else { split_rows(ranges, rows.div_ceil(tasks)) };
+    let tops = run_parts(&parts, |part| run(part));
     tops.into_iter().map(TopK::into_sorted).collect()
 }
 
@@ -197,16 +187,8 @@ pub fn factored_search_ranges(
     } else {
         (rayon::current_num_threads().max(1) * 2).min(rows.div_ceil(ROW_BLOCK))
     };
-    let tops = if tasks <= 1 {
-        run(ranges)
-    } else {
-        split_rows(ranges, rows.div_ceil(tasks)).par_iter().map(|part| run(part)).reduce_with(|mut a, b| {
-            for (x, y) in a.iter_mut().zip(b) {
-                x.merge(y);
-            }
-            a
-        }).unwrap_or_default()
-    };
+    let parts = if tasks <= 1 { vec![ranges.to_vec()] } else { split_rows(ranges, rows.div_ceil(tasks)) };
+    let tops = run_parts(&parts, |part| run(part));
     tops.into_iter().map(TopK::into_sorted).collect()
 }
 

@@ -16,11 +16,8 @@
 use rayon::prelude::*;
 
 use super::exact::{products, FactoredQueries};
-use super::TopK;
+use super::{run_parts, TopK, PARALLEL_MIN_WORK};
 use crate::{Neighbor, SpanRecord};
-
-/// Below this many multiply-adds a search runs on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 20;
 
 /// Every example's span rows as distinct halves and per-row coefficients.
 pub(crate) struct SpanHalves {
@@ -125,19 +122,9 @@ impl SpanHalves {
             (x.starts as usize * nf + x.ends as usize * nl) * half + x.n_rows as usize * q.pairs.len()
         }).sum();
         let tasks = if work < PARALLEL_MIN_WORK { 1 } else { (rayon::current_num_threads().max(1) * 2).min(examples.len()) };
-        let tops = if tasks <= 1 {
-            run(&examples)
-        } else {
-            examples.par_chunks(examples.len().div_ceil(tasks)).map(run).reduce_with(|mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    x.merge(y);
-                }
-                a
-            }).unwrap_or_default()
-        };
-        if tops.is_empty() {
-            return q.pairs.iter().map(|_| Vec::new()).collect();
-        }
+        let parts: Vec<&[usize]> =
+            if tasks <= 1 { vec![&examples[..]] } else { examples.chunks(examples.len().div_ceil(tasks)).collect() };
+        let tops = run_parts(&parts, |part| run(part));
         tops.into_iter().map(TopK::into_sorted).collect()
     }
 

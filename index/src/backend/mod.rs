@@ -130,6 +130,29 @@ pub fn preferred_hnsw() -> Option<BackendKind> {
     }
 }
 
+/// Below this many multiply-adds an exact search runs on the calling thread.
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// Runs `run` on every part of a search (in parallel when there are several) and merges
+/// the parts' per-query top-k lists. `parts` is never empty: callers pass one part for
+/// a serial search.
+pub(crate) fn run_parts<P: Sync>(parts: &[P], run: impl Fn(&P) -> Vec<TopK> + Sync) -> Vec<TopK> {
+    use rayon::prelude::*;
+    match parts {
+        [one] => run(one),
+        _ => parts
+            .par_iter()
+            .map(&run)
+            .reduce_with(|mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    x.merge(y);
+                }
+                a
+            })
+            .unwrap_or_default(),
+    }
+}
+
 /// Entry of a bounded top-k heap; ordered so that the heap's maximum is the *worst* kept hit
 /// (lowest similarity, then highest id).
 #[derive(Clone, Copy)]
