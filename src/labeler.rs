@@ -343,24 +343,23 @@ pub fn retrieve_encoded(
         .map(|((ex, enc), utterance_hits)| {
             let candidates = candidate_spans(ex.words.len(), build.max_width);
             let mut utterances: Vec<(u32, f32)> = utterance_hits.into_iter().map(|n| (n.id, n.similarity)).collect();
-            let (spans, hits) = if candidates.is_empty() {
-                (candidates, Vec::new())
-            } else if let Some(m) = cfg.prefilter {
-                let nearest: Vec<ExampleId> = utterances.iter().take(m).map(|&(id, _)| ExampleId(id)).collect();
-                if build.pooling == SpanPooling::StartEnd {
+            let nearest = |m: usize| -> Vec<ExampleId> { utterances.iter().take(m).map(|&(id, _)| ExampleId(id)).collect() };
+            let (spans, hits) = match cfg.prefilter {
+                _ if candidates.is_empty() => (candidates, Vec::new()),
+                Some(m) if build.pooling == SpanPooling::StartEnd => {
                     // Start ⊕ end vectors share their halves: score each half once.
                     let f = factored_span_vectors(enc, &ex.words, candidates);
-                    let hits = index.search_spans_among_factored(&f.queries(), cfg.k, &nearest);
+                    let hits = index.search_spans_among_factored(&f.queries(), cfg.k, &nearest(m));
                     (f.spans, hits)
-                } else {
+                }
+                prefilter => {
                     let sv: SpanVectors = span_vectors(enc, &ex.words, candidates, build.pooling);
-                    let hits = index.search_spans_among(&sv.vectors, cfg.k, &nearest);
+                    let hits = match prefilter {
+                        Some(m) => index.search_spans_among(&sv.vectors, cfg.k, &nearest(m)),
+                        None => index.search_spans_batch(&sv.vectors, cfg.k),
+                    };
                     (sv.spans, hits)
                 }
-            } else {
-                let sv: SpanVectors = span_vectors(enc, &ex.words, candidates, build.pooling);
-                let hits = index.search_spans_batch(&sv.vectors, cfg.k);
-                (sv.spans, hits)
             };
             utterances.truncate(cfg.intent_k);
             let spans: Vec<SpanEvidence> = spans

@@ -106,8 +106,9 @@ pub fn factored_span_vectors(encoded: &EncodedText, words: &[Word], spans: Vec<W
     let word_tokens = encoded.tokens.align_words(words);
     let dim = encoded.dim;
     let row = |t: usize| &encoded.hidden[t * dim..(t + 1) * dim];
-    let sq = |t: usize| row(t).iter().map(|x| x * x).sum::<f32>();
     let n_tokens = encoded.hidden.len() / dim.max(1);
+    // Each token's squared norm once, not once per span that starts or ends on it.
+    let sq: Vec<f32> = (0..n_tokens).map(|t| row(t).iter().map(|x| x * x).sum()).collect();
     // token -> its row in firsts / lasts
     let (mut first_of, mut last_of) = (vec![u32::MAX; n_tokens], vec![u32::MAX; n_tokens]);
     let (mut firsts, mut lasts) = (Vec::new(), Vec::new());
@@ -127,7 +128,7 @@ pub fn factored_span_vectors(encoded: &EncodedText, words: &[Word], spans: Vec<W
             last_of[l] = (lasts.len() / dim) as u32;
             lasts.extend_from_slice(row(l));
         }
-        let norm = (sq(f) + sq(l)).sqrt();
+        let norm = (sq[f] + sq[l]).sqrt();
         pairs.push((first_of[f], last_of[l], if norm > 0.0 { 1.0 / norm } else { 0.0 }));
     }
     if firsts.is_empty() {
