@@ -57,7 +57,7 @@ pub struct ModelArg {
     #[arg(long, env = "NEARSPAN_MODEL")]
     pub model: Option<PathBuf>,
     /// Precision of the encoder's matrix products at inference: f32 (exact) or bf16
-    /// (faster; needs Intel AMX; costs accuracy, see BENCHMARKS.md).
+    /// (faster; needs Intel AMX or AVX512-BF16; costs accuracy, see BENCHMARKS.md).
     #[arg(long, env = "NEARSPAN_PRECISION", default_value = "f32")]
     pub precision: crate::encoder::Precision,
 }

@@ -147,7 +147,7 @@ impl Encoder {
     /// if this machine cannot run it.
     pub fn load_with_precision(dir: &Path, precision: Precision) -> Result<Self, EncoderError> {
         if !precision.is_supported() {
-            return Err(EncoderError::UnsupportedPrecision { precision, needs: "Intel AMX (AMX-BF16)" });
+            return Err(EncoderError::UnsupportedPrecision { precision, needs: "Intel AMX (AMX-BF16) or AVX512-BF16" });
         }
         let files = ModelFiles::find(dir)?;
         let device = Device::Cpu;

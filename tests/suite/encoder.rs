@@ -85,7 +85,7 @@ fn inference_path_matches_reference_within_1e_4() {
 
 /// bf16 products: every token vector and sentence vector of the fixture texts and of 200
 /// SNIPS test utterances stays within the bounds below of f32 (cosine similarity of token
-/// vectors, and of sentence vectors). Skipped where the CPU has no AMX-BF16.
+/// vectors, and of sentence vectors). Skipped where the CPU has neither AMX-BF16 nor AVX512-BF16.
 #[test]
 fn bf16_path_stays_within_tolerance_of_f32() {
     const TOKEN_COS_MIN: f32 = 0.9998; // measured worst: 0.99996 (1 - cos five times smaller)

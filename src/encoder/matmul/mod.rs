@@ -4,13 +4,15 @@
 //! - `F32`: the `gemm` crate (candle's own CPU matmul), weights as loaded. Exact up to
 //!   summation order: the parity test against PyTorch holds at 1e-4.
 //! - `Bf16`: weights rounded to bfloat16 once at load and packed in the tile layout of
-//!   Intel AMX ([`amx`]); activations rounded to bf16 per product; sums in f32. About 3
+//!   Intel AMX; activations rounded to bf16 per product; sums in f32. About 3
 //!   significant digits per operand, so vectors move by about 1e-2 relative (the
 //!   tolerance test in `tests/suite/encoder.rs` bounds it; BENCHMARKS.md gives the
-//!   accuracy cost). Needs a CPU with AMX-BF16; asking for it elsewhere is an error, not
-//!   a silent fallback.
+//!   accuracy cost). Runs on AMX-BF16 tiles ([`amx`]) where the CPU has them, else on
+//!   AVX512-BF16 vectors ([`avx512_bf16`], same packed weights, same rounded operands);
+//!   asking for it on a CPU with neither is an error, not a silent fallback.
 
 pub mod amx;
+pub mod avx512_bf16;
 
 use rayon::prelude::*;
 
@@ -36,7 +38,34 @@ impl Precision {
     pub fn is_supported(self) -> bool {
         match self {
             Precision::F32 => true,
-            Precision::Bf16 => amx::available(),
+            Precision::Bf16 => Bf16Kernel::detect().is_some(),
+        }
+    }
+}
+
+/// The instructions the bf16 products run on, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bf16Kernel {
+    Amx,
+    Avx512,
+}
+
+impl Bf16Kernel {
+    fn detect() -> Option<Self> {
+        if amx::available() {
+            Some(Bf16Kernel::Amx)
+        } else if avx512_bf16::available() {
+            Some(Bf16Kernel::Avx512)
+        } else {
+            None
+        }
+    }
+
+    /// Rows of C per kernel call (the kernels always cover 32 columns).
+    fn block_rows(self) -> usize {
+        match self {
+            Bf16Kernel::Amx => 32,
+            Bf16Kernel::Avx512 => avx512_bf16::ROWS,
         }
     }
 }
@@ -69,6 +98,8 @@ enum WeightData {
     /// AMX B tiles: for each block of 16 outputs `nb` and each 32-deep block of inputs
     /// `kb`, one 16 x 32 tile at `(nb * k_blocks + kb) * 512` whose row `r` holds, for
     /// each output `j` of the block, the pair `W[j][kb*32 + 2r]`, `W[j][kb*32 + 2r + 1]`.
+    /// (So each output block is `k / 2` consecutive rows of 32 bf16, one per k-pair: the
+    /// AVX512-BF16 kernel's operand too.)
     Bf16(Vec<u16>),
 }
 
@@ -106,7 +137,7 @@ impl PackedWeight {
     pub fn new(w: Vec<f32>, out_dim: usize, in_dim: usize, precision: Precision) -> Self {
         assert_eq!(w.len(), out_dim * in_dim, "weight size");
         let data = match precision {
-            Precision::Bf16 if amx::available() && out_dim % 32 == 0 && in_dim % 32 == 0 => {
+            Precision::Bf16 if Bf16Kernel::detect().is_some() && out_dim % 32 == 0 && in_dim % 32 == 0 => {
                 WeightData::Bf16(pack_amx(&w, out_dim, in_dim))
             }
             _ => {
@@ -149,7 +180,7 @@ impl PackedWeight {
                 (w, 1, self.in_dim),
                 false,
             ),
-            WeightData::Bf16(b) => matmul_amx(b, x, rows, self.in_dim, self.out_dim, out),
+            WeightData::Bf16(b) => matmul_bf16(b, x, rows, self.in_dim, self.out_dim, out),
         }
     }
 }
@@ -252,10 +283,19 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
-fn matmul_amx(b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
-    debug_assert!(amx::available());
+/// `out = x @ W^T` with `W` packed by [`pack_amx`]: x is rounded to bf16 (rows padded with
+/// zeros to the kernel's block), then each rayon task computes a run of 32-column blocks
+/// for every row block, on AMX tiles or AVX512-BF16 vectors.
+fn matmul_bf16(b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
+    let kernel = Bf16Kernel::detect().expect("bf16 weights are only packed where a bf16 kernel runs");
+    matmul_bf16_on(kernel, b, x, rows, k, n, out)
+}
+
+/// [`matmul_bf16`] on a given kernel, which must be available (the tests run each one).
+fn matmul_bf16_on(kernel: Bf16Kernel, b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
+    let block_rows = kernel.block_rows();
     let k_blocks = k / 32;
-    let padded = rows.next_multiple_of(32);
+    let padded = rows.next_multiple_of(block_rows);
     // A in bf16, zero rows below `rows` so the last block reads defined values.
     let mut a = vec![0u16; padded * k];
     a[..rows * k]
@@ -273,29 +313,31 @@ fn matmul_amx(b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [
         .for_each(move |first| {
             let out_ptr = out_ptr;
             let mut edge = [0f32; 32 * 32];
-            // SAFETY: `available()` held when the weights were packed for AMX (PackedWeight
-            // only packs bf16 when asked for Bf16, which `Encoder` checks is supported); every
-            // pointer stays inside its buffer: A has `padded` rows of k, B has n/16 column
-            // blocks of `k_blocks` tiles, C rows below `rows` go to `edge`.
+            // SAFETY: the kernel was detected on this CPU (and the weights were packed for
+            // it, which `Encoder` only asks for when Bf16 is supported); every pointer stays
+            // inside its buffer: A has `padded` rows of k (k even), B has n/16 column blocks
+            // of `k_blocks` tiles, C rows below `rows` go to `edge` (32 x 32 >= block_rows
+            // x 32).
             unsafe {
-                amx::configure();
+                if kernel == Bf16Kernel::Amx {
+                    amx::configure();
+                }
                 for pair in first..(first + per_task).min(column_pairs) {
                     let b0 = b.as_ptr().add(2 * pair * k_blocks * 512);
                     let b1 = b0.add(k_blocks * 512);
-                    for m0 in (0..padded).step_by(32) {
+                    for m0 in (0..padded).step_by(block_rows) {
                         let a_block = a.as_ptr().add(m0 * k);
-                        if m0 + 32 <= rows {
-                            amx::block_32x32(
-                                a_block,
-                                k,
-                                b0,
-                                b1,
-                                k_blocks,
-                                out_ptr.0.add(m0 * n + pair * 32),
-                                n,
-                            );
+                        let whole = m0 + block_rows <= rows;
+                        let (c, ldc) = if whole {
+                            (out_ptr.0.add(m0 * n + pair * 32), n)
                         } else {
-                            amx::block_32x32(a_block, k, b0, b1, k_blocks, edge.as_mut_ptr(), 32);
+                            (edge.as_mut_ptr(), 32)
+                        };
+                        match kernel {
+                            Bf16Kernel::Amx => amx::block_32x32(a_block, k, b0, b1, k_blocks, c, ldc),
+                            Bf16Kernel::Avx512 => avx512_bf16::block_rows_x32(a_block, k, b0, b1, k / 2, c, ldc),
+                        }
+                        if !whole {
                             for r in 0..rows - m0 {
                                 std::ptr::copy_nonoverlapping(
                                     edge.as_ptr().add(r * 32),
@@ -306,7 +348,9 @@ fn matmul_amx(b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [
                         }
                     }
                 }
-                amx::release();
+                if kernel == Bf16Kernel::Amx {
+                    amx::release();
+                }
             }
         });
 }
@@ -364,32 +408,48 @@ mod tests {
         }
     }
 
-    /// The AMX product equals the exact product of the bf16-rounded operands (up to f32
-    /// summation order), for row counts below, at and past the 32-row block, and for
-    /// shapes that are not square. Skipped on CPUs without AMX.
+    /// Each bf16 kernel this CPU has (AMX tiles, AVX512-BF16 vectors) equals the exact
+    /// product of the bf16-rounded operands (up to f32 summation order), for row counts
+    /// below, at and past either kernel's row block, and for shapes that are not square.
+    /// Skipped where neither kernel runs.
     #[test]
-    fn amx_matmul_is_the_exact_product_of_the_rounded_operands() {
-        if !amx::available() {
-            eprintln!("no AMX-BF16 here: skipped");
+    fn bf16_matmul_is_the_exact_product_of_the_rounded_operands() {
+        let kernels: Vec<Bf16Kernel> = [
+            amx::available().then_some(Bf16Kernel::Amx),
+            avx512_bf16::available().then_some(Bf16Kernel::Avx512),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if kernels.is_empty() {
+            eprintln!("no AMX-BF16 or AVX512-BF16 here: skipped");
             return;
         }
-        for &(rows, k, n) in &[
-            (1, 32, 32),
-            (5, 384, 64),
-            (32, 64, 96),
-            (45, 128, 32),
-            (70, 96, 160),
-        ] {
-            let (x, w) = (rand(rows * k, rows as u64), rand(n * k, 7 + n as u64));
-            let mut out = vec![f32::NAN; rows * n];
-            PackedWeight::new(w.clone(), n, k, Precision::Bf16).matmul(&x, rows, &mut out);
-            let want = reference(&x, &w, rows, k, n, true);
-            let err = out
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(err < 1e-4, "{rows}x{k}x{n}: {err}");
+        for kernel in kernels {
+            for &(rows, k, n) in &[
+                (1, 32, 32),
+                (5, 384, 64),
+                (12, 64, 32),
+                (13, 64, 64),
+                (32, 64, 96),
+                (45, 128, 32),
+                (70, 96, 160),
+            ] {
+                let (x, w) = (rand(rows * k, rows as u64), rand(n * k, 7 + n as u64));
+                let packed = pack_amx(&w, n, k);
+                let mut out = vec![f32::NAN; rows * n];
+                matmul_bf16_on(kernel, &packed, &x, rows, k, n, &mut out);
+                let want = reference(&x, &w, rows, k, n, true);
+                let err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err < 1e-4, "{kernel:?} {rows}x{k}x{n}: {err}");
+            }
         }
+        // And through the public entry point, with the kernel it picks.
+        let (rows, k, n) = (17, 64, 64);
+        let (x, w) = (rand(rows * k, 3), rand(n * k, 4));
+        let mut out = vec![f32::NAN; rows * n];
+        PackedWeight::new(w.clone(), n, k, Precision::Bf16).matmul(&x, rows, &mut out);
+        let want = reference(&x, &w, rows, k, n, true);
+        assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4));
     }
 }
