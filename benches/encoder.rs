@@ -13,7 +13,7 @@ use nearspan::encoder::{Encoder, Precision};
 fn encode(c: &mut Criterion) {
     let Some(encoder) = common::encoder() else { return };
     let utterances = common::snips_test();
-    // The bf16 path where the CPU has AMX (`--precision bf16`).
+    // The bf16 path where the CPU has AMX or AVX512-BF16 (`--precision bf16`).
     let bf16 = Precision::Bf16
         .is_supported()
         .then(|| Encoder::load_with_precision(&encoder.info().dir, Precision::Bf16).expect("bf16 encoder"));
