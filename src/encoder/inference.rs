@@ -288,11 +288,18 @@ fn attention(qkv: &[f32], bias: &[f32], lens: &[usize], heads: usize, context: &
 /// over a runtime length of 12 would run entirely in its scalar remainder).
 const LANES: usize = 16;
 
+/// Queries scored together in [`attention_text`]: each key or value vector loaded feeds
+/// this many independent sums, instead of one sum that waits on its own previous
+/// multiply-add.
+const QUERY_BLOCK: usize = 4;
+
 multiversion! {
     /// One text's attention. Per head, `K` is transposed once (keys padded to a multiple
     /// of [`LANES`]) so that a query's scores against all keys are `d` vector updates,
     /// and the context is `t` vector updates over the head's `d` columns: no per-pair dot
     /// products, whose horizontal sums would cost more than their multiplications.
+    /// Queries go [`QUERY_BLOCK`] at a time (a short last block repeats its last query and
+    /// drops the copies); each query's sums run in the same order as one at a time.
     fn attention_text(x: &[f32], bias: &[f32], heads: usize, out: &mut [f32]) {
         let w = bias.len();
         let h = w / 3;
@@ -300,13 +307,13 @@ multiversion! {
         let d = h / heads;
         let tp = t.next_multiple_of(LANES);
         let scale = 1.0 / (d as f32).sqrt();
-        let mut q = vec![0f32; d];
+        let mut q = vec![0f32; QUERY_BLOCK * d];
         let mut k_t = vec![0f32; d * tp];
         // Values with rows padded to a multiple of LANES columns (zeros past d).
         let dp = d.next_multiple_of(LANES);
         let mut v = vec![0f32; t * dp];
-        let mut p = vec![0f32; tp];
-        let mut o = vec![0f32; dp];
+        let mut p = vec![0f32; QUERY_BLOCK * tp];
+        let mut inv = [0f32; QUERY_BLOCK];
         for head in 0..heads {
             let (qo, ko, vo) = (head * d, h + head * d, 2 * h + head * d);
             for j in 0..t {
@@ -318,42 +325,59 @@ multiversion! {
                     *v = x + b;
                 }
             }
-            for i in 0..t {
-                for ((q, x), b) in q.iter_mut().zip(&x[i * w + qo..i * w + qo + d]).zip(&bias[qo..qo + d]) {
-                    *q = (x + b) * scale;
+            for i0 in (0..t).step_by(QUERY_BLOCK) {
+                let n = (t - i0).min(QUERY_BLOCK);
+                for (b, q) in q.chunks_exact_mut(d).enumerate() {
+                    let i = i0 + b.min(n - 1);
+                    for ((q, x), b) in q.iter_mut().zip(&x[i * w + qo..i * w + qo + d]).zip(&bias[qo..qo + d]) {
+                        *q = (x + b) * scale;
+                    }
                 }
-                // Scores against LANES keys at a time, summed in a local vector.
-                for (jc, scores) in p.chunks_exact_mut(LANES).enumerate() {
-                    let mut acc = [0f32; LANES];
-                    for (c, &qc) in q.iter().enumerate() {
+                // Scores against LANES keys at a time, summed in local vectors.
+                for jc in 0..tp / LANES {
+                    let mut acc = [[0f32; LANES]; QUERY_BLOCK];
+                    for c in 0..d {
                         let k: &[f32; LANES] = k_t[c * tp + jc * LANES..][..LANES].try_into().expect("LANES keys");
-                        for l in 0..LANES {
-                            acc[l] += qc * k[l];
+                        for (b, acc) in acc.iter_mut().enumerate() {
+                            let qc = q[b * d + c];
+                            for l in 0..LANES {
+                                acc[l] += qc * k[l];
+                            }
                         }
                     }
-                    scores.copy_from_slice(&acc);
-                }
-                let m = max(&p[..t]);
-                for chunk in p.chunks_exact_mut(LANES) {
-                    for s in chunk.iter_mut() {
-                        *s = exp_f32(*s - m);
+                    for (b, acc) in acc.iter().enumerate() {
+                        p[b * tp + jc * LANES..][..LANES].copy_from_slice(acc);
                     }
                 }
-                let inv = 1.0 / sum(&p[..t]);
-                // Context, LANES columns at a time, summed in a local vector.
-                for (cc, o) in o.chunks_exact_mut(LANES).enumerate() {
-                    let mut acc = [0f32; LANES];
-                    for (j, &s) in p[..t].iter().enumerate() {
-                        let vj = &v[j * dp + cc * LANES..][..LANES];
-                        for l in 0..LANES {
-                            acc[l] += s * vj[l];
+                for (p, inv) in p.chunks_exact_mut(tp).zip(&mut inv).take(n) {
+                    let m = max(&p[..t]);
+                    for chunk in p.chunks_exact_mut(LANES) {
+                        for s in chunk.iter_mut() {
+                            *s = exp_f32(*s - m);
                         }
                     }
-                    for l in 0..LANES {
-                        o[l] = acc[l] * inv;
+                    *inv = 1.0 / sum(&p[..t]);
+                }
+                // Context, LANES columns at a time, summed in local vectors.
+                for cc in 0..dp / LANES {
+                    let mut acc = [[0f32; LANES]; QUERY_BLOCK];
+                    for j in 0..t {
+                        let vj: &[f32; LANES] = v[j * dp + cc * LANES..][..LANES].try_into().expect("LANES values");
+                        for (b, acc) in acc.iter_mut().enumerate() {
+                            let s = p[b * tp + j];
+                            for l in 0..LANES {
+                                acc[l] += s * vj[l];
+                            }
+                        }
+                    }
+                    let cols = (d - cc * LANES).min(LANES);
+                    for (b, acc) in acc.iter().enumerate().take(n) {
+                        let o = &mut out[(i0 + b) * h + qo + cc * LANES..][..cols];
+                        for (o, a) in o.iter_mut().zip(acc) {
+                            *o = a * inv[b];
+                        }
                     }
                 }
-                out[i * h + qo..i * h + qo + d].copy_from_slice(&o[..d]);
             }
         }
     }
