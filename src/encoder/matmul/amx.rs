@@ -92,7 +92,7 @@ pub unsafe fn release() {
 
 /// C (32 x 32 f32 block, row stride `ldc` floats) = A (32 rows of bf16, row stride `lda`
 /// elements, `k_blocks * 32` deep) x B (two column blocks of packed tiles, see
-/// [`super::PackedBf16`]: `b0` and `b1` each point at `k_blocks` consecutive 1 KiB tiles).
+/// [`super::pack_bf16`]: `b0` and `b1` each point at `k_blocks` consecutive 1 KiB tiles).
 ///
 /// # Safety
 /// [`configure`] has run on this thread; every pointer covers what it is read or written

@@ -4,7 +4,7 @@
 //! what an f32 FMA does, and half the bytes of weights and activations to move.
 //!
 //! It reads the weights in the same packed layout as the AMX kernel
-//! ([`super::pack_amx`]): for a block of 16 outputs, k-pair `p` is one 64-byte vector
+//! ([`super::pack_bf16`]): for a block of 16 outputs, k-pair `p` is one 64-byte vector
 //! holding, for each output `j`, `W[j][2p]` and `W[j][2p + 1]`, exactly the operand
 //! `vdpbf16ps` wants against a broadcast of the activation pair `x[r][2p]`, `x[r][2p+1]`.
 //! So one packed copy serves both kernels.

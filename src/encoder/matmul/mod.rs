@@ -138,7 +138,7 @@ impl PackedWeight {
         assert_eq!(w.len(), out_dim * in_dim, "weight size");
         let data = match precision {
             Precision::Bf16 if Bf16Kernel::detect().is_some() && out_dim % 32 == 0 && in_dim % 32 == 0 => {
-                WeightData::Bf16(pack_amx(&w, out_dim, in_dim))
+                WeightData::Bf16(pack_bf16(&w, out_dim, in_dim))
             }
             _ => {
                 let panels = (out_dim % PANEL == 0).then(|| pack_panels(&w, out_dim, in_dim));
@@ -258,7 +258,9 @@ fn matmul_panels(panels: &[f32], x: &[f32], rows: usize, k: usize, n: usize, out
     });
 }
 
-fn pack_amx(w: &[f32], n: usize, k: usize) -> Vec<u16> {
+/// `W` (n x k) rounded to bf16 in the layout of [`WeightData::Bf16`]: AMX B tiles, which
+/// are also the AVX512-BF16 kernel's weight vectors.
+fn pack_bf16(w: &[f32], n: usize, k: usize) -> Vec<u16> {
     let k_blocks = k / 32;
     let mut packed = vec![0u16; n * k];
     for nb in 0..n / 16 {
@@ -283,7 +285,7 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
-/// `out = x @ W^T` with `W` packed by [`pack_amx`]: x is rounded to bf16 (rows padded with
+/// `out = x @ W^T` with `W` packed by [`pack_bf16`]: x is rounded to bf16 (rows padded with
 /// zeros to the kernel's block), then each rayon task computes a run of 32-column blocks
 /// for every row block, on AMX tiles or AVX512-BF16 vectors.
 fn matmul_bf16(b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
@@ -436,7 +438,7 @@ mod tests {
                 (70, 96, 160),
             ] {
                 let (x, w) = (rand(rows * k, rows as u64), rand(n * k, 7 + n as u64));
-                let packed = pack_amx(&w, n, k);
+                let packed = pack_bf16(&w, n, k);
                 let mut out = vec![f32::NAN; rows * n];
                 matmul_bf16_on(kernel, &packed, &x, rows, k, n, &mut out);
                 let want = reference(&x, &w, rows, k, n, true);
