@@ -16,23 +16,19 @@
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
 /// Rows of the output block each kernel call computes (24 of the 32 vector registers
 /// hold accumulators).
 pub const ROWS: usize = 12;
 
-/// Whether this CPU has AVX-512 F and BF16 (checked once).
+/// Whether this CPU has AVX-512 F and BF16 (std caches the CPUID check).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// C (ROWS x 32 f32, row stride `ldc` floats) = A (ROWS rows of bf16, row stride `lda`

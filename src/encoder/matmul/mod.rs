@@ -99,8 +99,8 @@ enum WeightData {
     /// `kb`, one 16 x 32 tile at `(nb * k_blocks + kb) * 512` whose row `r` holds, for
     /// each output `j` of the block, the pair `W[j][kb*32 + 2r]`, `W[j][kb*32 + 2r + 1]`.
     /// (So each output block is `k / 2` consecutive rows of 32 bf16, one per k-pair: the
-    /// AVX512-BF16 kernel's operand too.)
-    Bf16(Vec<u16>),
+    /// AVX512-BF16 kernel's operand too.) With the kernel chosen when they were packed.
+    Bf16 { packed: Vec<u16>, kernel: Bf16Kernel },
 }
 
 /// The bf16 nearest to `x` (round to nearest, ties to even); NaN stays NaN. Branch-free
@@ -136,10 +136,9 @@ impl PackedWeight {
     /// 32 (every BERT size is); other shapes stay in f32.
     pub fn new(w: Vec<f32>, out_dim: usize, in_dim: usize, precision: Precision) -> Self {
         assert_eq!(w.len(), out_dim * in_dim, "weight size");
-        let data = match precision {
-            Precision::Bf16 if Bf16Kernel::detect().is_some() && out_dim % 32 == 0 && in_dim % 32 == 0 => {
-                WeightData::Bf16(pack_bf16(&w, out_dim, in_dim))
-            }
+        let bf16_kernel = Bf16Kernel::detect().filter(|_| out_dim % 32 == 0 && in_dim % 32 == 0);
+        let data = match (precision, bf16_kernel) {
+            (Precision::Bf16, Some(kernel)) => WeightData::Bf16 { packed: pack_bf16(&w, out_dim, in_dim), kernel },
             _ => {
                 let panels = (out_dim % PANEL == 0).then(|| pack_panels(&w, out_dim, in_dim));
                 WeightData::F32 { w, panels }
@@ -180,7 +179,7 @@ impl PackedWeight {
                 (w, 1, self.in_dim),
                 false,
             ),
-            WeightData::Bf16(b) => matmul_bf16(b, x, rows, self.in_dim, self.out_dim, out),
+            WeightData::Bf16 { packed, kernel } => matmul_bf16(*kernel, packed, x, rows, self.in_dim, self.out_dim, out),
         }
     }
 }
@@ -285,16 +284,11 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
-/// `out = x @ W^T` with `W` packed by [`pack_bf16`]: x is rounded to bf16 (rows padded with
-/// zeros to the kernel's block), then each rayon task computes a run of 32-column blocks
-/// for every row block, on AMX tiles or AVX512-BF16 vectors.
-fn matmul_bf16(b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
-    let kernel = Bf16Kernel::detect().expect("bf16 weights are only packed where a bf16 kernel runs");
-    matmul_bf16_on(kernel, b, x, rows, k, n, out)
-}
-
-/// [`matmul_bf16`] on a given kernel, which must be available (the tests run each one).
-fn matmul_bf16_on(kernel: Bf16Kernel, b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
+/// `out = x @ W^T` with `W` packed by [`pack_bf16`], on `kernel`, which this CPU has
+/// (the tests run each one): x is rounded to bf16 (rows padded with zeros to the kernel's
+/// block), then each rayon task computes a run of 32-column blocks for every row block,
+/// on AMX tiles or AVX512-BF16 vectors.
+fn matmul_bf16(kernel: Bf16Kernel, b: &[u16], x: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
     let block_rows = kernel.block_rows();
     let k_blocks = k / 32;
     let padded = rows.next_multiple_of(block_rows);
@@ -315,8 +309,8 @@ fn matmul_bf16_on(kernel: Bf16Kernel, b: &[u16], x: &[f32], rows: usize, k: usiz
         .for_each(move |first| {
             let out_ptr = out_ptr;
             let mut edge = [0f32; 32 * 32];
-            // SAFETY: the kernel was detected on this CPU (and the weights were packed for
-            // it, which `Encoder` only asks for when Bf16 is supported); every pointer stays
+            // SAFETY: the kernel was detected on this CPU (`PackedWeight::new` keeps the one
+            // `Bf16Kernel::detect` returned; the tests pass only available ones); every pointer stays
             // inside its buffer: A has `padded` rows of k (k even), B has n/16 column blocks
             // of `k_blocks` tiles, C rows below `rows` go to `edge` (32 x 32 >= block_rows
             // x 32).
@@ -440,7 +434,7 @@ mod tests {
                 let (x, w) = (rand(rows * k, rows as u64), rand(n * k, 7 + n as u64));
                 let packed = pack_bf16(&w, n, k);
                 let mut out = vec![f32::NAN; rows * n];
-                matmul_bf16_on(kernel, &packed, &x, rows, k, n, &mut out);
+                matmul_bf16(kernel, &packed, &x, rows, k, n, &mut out);
                 let want = reference(&x, &w, rows, k, n, true);
                 let err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(err < 1e-4, "{kernel:?} {rows}x{k}x{n}: {err}");
