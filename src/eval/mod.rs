@@ -65,6 +65,34 @@ impl Scores {
     }
 }
 
+/// Why predicted slots were wrong, counted over all slots: each false positive falls in
+/// exactly one of the first four kinds, checked in order; `missed` counts the gold slots
+/// that no prediction touches at all. It tells boundary trouble from label confusion,
+/// which strict F1 alone cannot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ErrorCounts {
+    /// The boundaries of a gold slot, another label.
+    pub wrong_label: usize,
+    /// Overlaps a gold slot of the same label, other boundaries.
+    pub boundary: usize,
+    /// Overlaps gold slots only of other labels, other boundaries.
+    pub boundary_and_label: usize,
+    /// Overlaps no gold slot.
+    pub spurious: usize,
+    /// Gold slots that no prediction overlaps.
+    pub missed: usize,
+}
+
+impl ErrorCounts {
+    pub fn add(&mut self, o: ErrorCounts) {
+        self.wrong_label += o.wrong_label;
+        self.boundary += o.boundary;
+        self.boundary_and_label += o.boundary_and_label;
+        self.spurious += o.spurious;
+        self.missed += o.missed;
+    }
+}
+
 /// One slot label's scores; `support` is its number of gold slots.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabelReport {
@@ -81,6 +109,8 @@ pub struct EvalReport {
     /// Micro-averaged over all slots.
     pub micro: Scores,
     pub counts: SpanCounts,
+    /// The false positives and misses, by kind.
+    pub errors: ErrorCounts,
     /// Every label seen in gold or predictions (a label only predicted has support 0).
     pub per_label: BTreeMap<String, LabelReport>,
     /// Over examples whose gold has an intent; `None` when none has.
@@ -97,6 +127,7 @@ pub struct EvalReport {
 pub struct Evaluator {
     examples: usize,
     per_label: BTreeMap<String, SpanCounts>,
+    errors: ErrorCounts,
     intent_examples: usize,
     intent_correct: usize,
     frames_correct: usize,
@@ -152,10 +183,13 @@ impl Evaluator {
                 None => {
                     counts.fp += 1;
                     exact = false;
+                    self.errors.add(false_positive_kind(p, gold));
                 }
             }
         }
-        for (_, _, label) in unmatched {
+        for (start, end, label) in unmatched {
+            let touched = pred.iter().any(|p| p.word_start < end && start < p.word_end);
+            self.errors.missed += usize::from(!touched);
             self.per_label.entry(label).or_default().fn_ += 1;
             exact = false;
         }
@@ -178,6 +212,7 @@ impl Evaluator {
             examples: self.examples,
             micro: counts.scores(),
             counts,
+            errors: self.errors,
             per_label,
             intent_accuracy: (self.intent_examples > 0)
                 .then(|| ratio(self.intent_correct, self.intent_examples)),
@@ -187,6 +222,22 @@ impl Evaluator {
             frames_correct: self.frames_correct,
         }
     }
+}
+
+/// The kind of a predicted slot that matches no gold slot exactly (one count set).
+fn false_positive_kind(p: &LabeledSpan, gold: &[LabeledSpan]) -> ErrorCounts {
+    let overlaps = |g: &&LabeledSpan| g.word_start < p.word_end && p.word_start < g.word_end;
+    let mut kind = ErrorCounts::default();
+    if gold.iter().any(|g| g.word_start == p.word_start && g.word_end == p.word_end) {
+        kind.wrong_label = 1;
+    } else if gold.iter().filter(overlaps).any(|g| g.label == p.label) {
+        kind.boundary = 1;
+    } else if gold.iter().any(|g| overlaps(&g)) {
+        kind.boundary_and_label = 1;
+    } else {
+        kind.spurious = 1;
+    }
+    kind
 }
 
 /// Scores `pred[i]` against `gold[i]` for every i.

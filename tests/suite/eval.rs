@@ -76,6 +76,26 @@ fn boundary_error_counts_as_miss() {
 }
 
 #[test]
+fn errors_are_sorted_by_kind() {
+    // Gold: city "new york", date "today", artist "queen" (untouched below).
+    let g = ex("new york today play queen", "B-city I-city B-date O B-artist", None);
+    // "new" as city: boundary; "today" as city: wrong label; "play" as song: spurious;
+    // "queen" is never touched: missed.
+    let p = ex("new york today play queen", "B-city O B-city B-song O", None);
+    let r = report(&[(g.clone(), p)]);
+    assert_eq!(r.counts, counts(0, 3, 3));
+    let want = ErrorCounts { wrong_label: 1, boundary: 1, boundary_and_label: 0, spurious: 1, missed: 1 };
+    assert_eq!(r.errors, want);
+    // "york today" as artist overlaps city and date, both other labels; city and date are
+    // touched, so only "queen" is missed.
+    let p = ex("new york today play queen", "O B-artist I-artist O O", None);
+    let r = report(&[(g.clone(), p)]);
+    assert_eq!(r.errors, ErrorCounts { boundary_and_label: 1, missed: 1, ..Default::default() });
+    // A right prediction is no error of any kind.
+    assert_eq!(report(&[(g.clone(), g)]).errors, ErrorCounts::default());
+}
+
+#[test]
 fn empty_predictions_score_zero_not_nan() {
     let g = ex("a b c", "B-x O B-y", Some("i"));
     let p = ex("a b c", "O O O", Some("i"));
