@@ -190,6 +190,10 @@ pub struct QuerySettings {
     /// A span is a slot when its slot similarity plus this margin beats its non-slot similarity.
     #[arg(long, default_value_t = QueryConfig::default().o_margin, allow_negative_numbers = true)]
     pub o_margin: f32,
+    /// Decoding ranks a candidate span by its slot similarity minus this times its
+    /// non-slot similarity (0: by similarity alone; 1: by how far the slot evidence wins).
+    #[arg(long, default_value_t = QueryConfig::default().o_penalty)]
+    pub o_penalty: f32,
     /// greedy or best-average.
     #[arg(long, default_value = "greedy")]
     pub decoder: Strategy,
@@ -235,6 +239,9 @@ impl QuerySettings {
         if !(-1.0..=1.0).contains(&self.threshold) {
             bail!("--threshold {} is not a cosine similarity (expected -1..=1)", self.threshold);
         }
+        if !(0.0..=1.0).contains(&self.o_penalty) {
+            bail!("--o-penalty {} must be between 0 and 1", self.o_penalty);
+        }
         if self.k == 0 || self.intent_k == 0 {
             bail!("--k and --intent-k must be at least 1");
         }
@@ -242,6 +249,7 @@ impl QuerySettings {
             k: self.k,
             threshold: self.threshold,
             o_margin: self.o_margin,
+            o_penalty: self.o_penalty,
             strategy: self.decoder,
             intent_k: self.intent_k,
             intent_aggregation: self.intent_aggregation,

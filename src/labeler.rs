@@ -80,6 +80,11 @@ pub struct QueryConfig {
     /// A span is a slot when its best slot similarity plus this margin exceeds its best
     /// non-slot similarity: positive values favour recall, negative ones precision.
     pub o_margin: f32,
+    /// Decoding ranks a candidate span by its best slot similarity minus this times its
+    /// best non-slot similarity: 0 ranks by similarity alone, 1 by how far its slot
+    /// evidence beats its non-slot evidence (which favours the span with the right
+    /// boundaries over a longer or shorter one that is just as similar to a slot).
+    pub o_penalty: f32,
     pub strategy: Strategy,
     /// Utterance neighbours retrieved for the intent.
     pub intent_k: usize,
@@ -108,6 +113,7 @@ impl Default for QueryConfig {
             k: 10,
             threshold: 0.3,
             o_margin: 0.0,
+            o_penalty: 0.0,
             strategy: Strategy::Greedy,
             intent_k: 10,
             intent_aggregation: IntentAggregation::Max,
@@ -146,6 +152,7 @@ pub struct SlotPrediction {
     pub end: usize,
     pub text: String,
     pub label: String,
+    /// Similarity to the nearest example of its label.
     pub score: f32,
     pub neighbours: Vec<Neighbour>,
     /// Word indices, for scoring against word-level gold data.
@@ -391,7 +398,9 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
         .filter_map(|e| {
             let &(label, score, _) = e.by_label.first()?;
             let beats_o = e.o_score.is_none_or(|o| score + cfg.o_margin > o);
-            (score >= cfg.threshold && beats_o).then_some(Candidate { span: e.span, label, score })
+            // The decoder sees the ranking key; the similarity is reported below.
+            let rank = score - cfg.o_penalty * e.o_score.unwrap_or(0.0);
+            (score >= cfg.threshold && beats_o).then_some(Candidate { span: e.span, label, score: rank })
         })
         .collect();
     // How well each word fits no slot: its single-word span's best non-slot similarity,
@@ -409,6 +418,7 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
             let (start, end) = char_range(ex, c.span);
             // The few chosen spans are found among ~50 candidates; no map is worth building.
             let evidence = r.spans.iter().find(|e| e.span == c.span).map_or(&[][..], |e| &e.by_label[..]);
+            let similarity = evidence.first().map_or(c.score, |x| x.1);
             let neighbours = evidence
                 .iter()
                 .take(cfg.explain)
@@ -419,7 +429,7 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
                 end,
                 text: crate::data::char_slice(&ex.text, start, end).to_string(),
                 label: index.label(nearspan_index::LabelId(c.label)).to_string(),
-                score: c.score,
+                score: similarity,
                 neighbours,
                 words: (c.span.start, c.span.end),
             }
@@ -545,5 +555,33 @@ mod tests {
     fn best_intent_ties_go_to_the_first_met() {
         let index = toy_index(&[Some("b"), Some("a")]);
         assert_eq!(best_intent(&index, &[(0, 0.7), (1, 0.7)], IntentAggregation::Max), Some(("b", 0.7)));
+    }
+
+    /// Two overlapping candidates: "new york city" is more similar to a city example
+    /// (0.80) but as similar to a non-slot span (0.78); "new york" a little less similar
+    /// (0.75) with clear non-slot evidence against it (0.40). Similarity alone keeps the
+    /// long span; a penalty of 1 keeps the span whose slot evidence wins by more. Either
+    /// way the reported score is the similarity.
+    #[test]
+    fn the_o_penalty_ranks_by_how_far_slot_evidence_wins() {
+        let info = EncoderInfo { model_id: "toy".into(), revision: "0".into(), pooling: "mean".into(), max_width: 3, dim: 2 };
+        let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
+        let city = NewSpan { label: "city", start: 3, end: 8, text: "paris" };
+        let o = NewSpan { label: O_LABEL, start: 0, end: 2, text: "to" };
+        index.add_example("to paris", None, &[1.0, 0.0], &[(city, &[1.0, 0.0][..]), (o, &[0.0, 1.0][..])]).unwrap();
+        let city_id = index.label_id("city").unwrap().0;
+        let ex = Example::from_text("new york city", None);
+        let evidence = |start, end, score, o| SpanEvidence {
+            span: WordSpan { start, end },
+            by_label: vec![(city_id, score, 0)],
+            o_score: Some(o),
+        };
+        let r = Retrieved { spans: vec![evidence(0, 3, 0.80, 0.78), evidence(0, 2, 0.75, 0.40)], utterances: vec![] };
+        let slots = |o_penalty: f32| {
+            let cfg = QueryConfig { o_penalty, ..QueryConfig::default() };
+            decide(&index, &ex, &r, &cfg).slots.into_iter().map(|s| (s.text, s.score)).collect::<Vec<_>>()
+        };
+        assert_eq!(slots(0.0), [("new york city".to_string(), 0.80)]);
+        assert_eq!(slots(1.0), [("new york".to_string(), 0.75)]);
     }
 }

@@ -17,7 +17,7 @@ use nearspan_index::{BackendKind, HnswParams, SpanIndex};
 use crate::cli::{BuildArgs, ModelArg, QuerySettings};
 use crate::data::{read_fewshot, Episode, Example};
 use crate::encoder::{EncodedText, Encoder};
-use crate::eval::Evaluator;
+use crate::eval::{ErrorCounts, EvalReport, Evaluator};
 use crate::labeler::{self, BuildConfig, QueryConfig, Retrieved};
 
 /// SNIPS domain of each fold, in Hou et al.'s order (We, Mu, Pl, Bo, Se, Re, Cr).
@@ -71,9 +71,12 @@ pub struct FewshotArgs {
 }
 
 /// Thresholds tried on the dev domain.
-const THRESHOLD_GRID: [f32; 10] = [0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8];
+const THRESHOLD_GRID: [f32; 12] = [0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9];
 /// Non-slot margins tried on the dev domain (with `O` spans indexed).
-const MARGIN_GRID: [f32; 8] = [-0.05, 0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2];
+const MARGIN_GRID: [f32; 10] = [-0.05, 0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4];
+
+/// Non-slot penalties of the decoder's ranking tried on the dev domain (with `O` spans).
+const PENALTY_GRID: [f32; 3] = [0.0, 0.5, 1.0];
 
 /// Encodes every distinct text once, however many episodes and folds reuse it (each
 /// file serves as target of one fold and dev of another; all of them fit in memory).
@@ -120,14 +123,30 @@ fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &Q
     Ok(EpisodeRun { index, retrieved })
 }
 
-/// Strict span F1 (percent) of one episode at `cfg`'s threshold.
-fn episode_f1(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig) -> Result<f64> {
+/// Scores one episode's queries at `cfg`'s settings.
+fn episode_report(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig) -> Result<EvalReport> {
     let mut ev = Evaluator::new();
     for (gold, r) in ep.query.iter().zip(&run.retrieved) {
         let p = labeler::decide(&run.index, gold, r, cfg);
         ev.add(gold, &p.to_example(gold))?;
     }
-    Ok(100.0 * ev.report().micro.f1)
+    Ok(ev.report())
+}
+
+/// Strict span F1 (percent) of one episode at `cfg`'s settings.
+fn episode_f1(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig) -> Result<f64> {
+    Ok(100.0 * episode_report(run, ep, cfg)?.micro.f1)
+}
+
+/// Slot counts and error kinds summed over a domain's episodes, for the results file.
+fn error_summary(reports: &[EvalReport]) -> serde_json::Value {
+    let mut errors = ErrorCounts::default();
+    let (mut tp, mut fp, mut fn_) = (0, 0, 0);
+    for r in reports {
+        errors.add(r.errors);
+        (tp, fp, fn_) = (tp + r.counts.tp, fp + r.counts.fp, fn_ + r.counts.fn_);
+    }
+    serde_json::json!({"tp": tp, "fp": fp, "fn": fn_, "fp_kinds": errors})
 }
 
 fn mean(xs: &[f64]) -> f64 {
@@ -140,6 +159,7 @@ pub(crate) struct DevChoice {
     pub f1: f64,
     pub threshold: f32,
     pub o_margin: f32,
+    pub o_penalty: f32,
 }
 
 /// Grid-searches the threshold (and the non-slot margin, when `O` spans are indexed) on
@@ -148,14 +168,16 @@ pub(crate) struct DevChoice {
 fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<DevChoice> {
     cache.fill(dev)?;
     let runs: Vec<EpisodeRun> = dev.iter().map(|ep| run_episode(cache, ep, build, cfg)).collect::<Result<_>>()?;
-    let margins: &[f32] = if build.index_o_spans { &MARGIN_GRID } else { &[0.0] };
-    let mut best = DevChoice { f1: f64::NEG_INFINITY, threshold: cfg.threshold, o_margin: cfg.o_margin };
-    for &t in &THRESHOLD_GRID {
-        for &m in margins {
-            let c = QueryConfig { threshold: t, o_margin: m, ..*cfg };
-            let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, &c)).collect::<Result<Vec<_>>>()?);
-            if f1 > best.f1 {
-                best = DevChoice { f1, threshold: t, o_margin: m };
+    let (margins, penalties): (&[f32], &[f32]) = if build.index_o_spans { (&MARGIN_GRID, &PENALTY_GRID) } else { (&[0.0], &[0.0]) };
+    let mut best = DevChoice { f1: f64::NEG_INFINITY, threshold: cfg.threshold, o_margin: cfg.o_margin, o_penalty: cfg.o_penalty };
+    for &p in penalties {
+        for &t in &THRESHOLD_GRID {
+            for &m in margins {
+                let c = QueryConfig { threshold: t, o_margin: m, o_penalty: p, ..*cfg };
+                let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, &c)).collect::<Result<Vec<_>>>()?);
+                if f1 > best.f1 {
+                    best = DevChoice { f1, threshold: t, o_margin: m, o_penalty: p };
+                }
             }
         }
     }
@@ -199,6 +221,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
     let started = std::time::Instant::now();
     let mut per_domain = serde_json::Map::new();
     let mut thresholds = serde_json::Map::new();
+    let mut errors = serde_json::Map::new();
     let mut f1s = Vec::new();
     check_folds(&a.folds)?;
     for &fold in &a.folds {
@@ -222,13 +245,14 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             let mut dev = load_domain(&a.data, a.shots, dev_fold)?;
             dev.truncate(a.dev_episodes);
             let chosen = tune_on_dev(cache, &dev, &build, &cfg)?;
-            (dev_f1, cfg.threshold, cfg.o_margin) = (chosen.f1, chosen.threshold, chosen.o_margin);
+            (dev_f1, cfg.threshold, cfg.o_margin, cfg.o_penalty) = (chosen.f1, chosen.threshold, chosen.o_margin, chosen.o_penalty);
         }
         cache.fill(&target)?;
-        let scores: Vec<f64> = target
+        let reports: Vec<EvalReport> = target
             .iter()
-            .map(|ep| episode_f1(&run_episode(cache, ep, &build, &cfg)?, ep, &cfg))
+            .map(|ep| episode_report(&run_episode(cache, ep, &build, &cfg)?, ep, &cfg))
             .collect::<Result<_>>()?;
+        let scores: Vec<f64> = reports.iter().map(|r| 100.0 * r.micro.f1).collect();
         if fold_encoder.is_none() {
             carried = fold_cache.map;
         }
@@ -236,15 +260,17 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         let domain = DOMAINS[fold - 1];
         writeln!(
             out,
-            "{domain:<22} F1 {f1:6.2}  ({} episodes; on dev {}: F1 {dev_f1:.2} at threshold {:.2}, margin {:.3}; {:.0}s)",
+            "{domain:<22} F1 {f1:6.2}  ({} episodes; on dev {}: F1 {dev_f1:.2} at threshold {:.2}, margin {:.3}, penalty {:.1}; {:.0}s)",
             scores.len(),
             DOMAINS[dev_fold - 1],
             cfg.threshold,
             cfg.o_margin,
+            cfg.o_penalty,
             started.elapsed().as_secs_f64()
         )?;
         per_domain.insert(domain.into(), serde_json::json!((f1 * 100.0).round() / 100.0));
-        thresholds.insert(domain.into(), serde_json::json!({"threshold": cfg.threshold, "o_margin": cfg.o_margin, "dev_f1": dev_f1}));
+        thresholds.insert(domain.into(), serde_json::json!({"threshold": cfg.threshold, "o_margin": cfg.o_margin, "o_penalty": cfg.o_penalty, "dev_f1": dev_f1}));
+        errors.insert(domain.into(), error_summary(&reports));
         f1s.push(f1);
     }
     let avg = mean(&f1s);
@@ -253,6 +279,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         "avg_f1": (avg * 100.0).round() / 100.0,
         "per_domain": per_domain,
         "chosen_on_dev": thresholds,
+        "errors": errors,
         "episodes_per_domain": a.episodes.unwrap_or(100),
         "folds": a.folds,
         "settings": {
@@ -272,6 +299,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
 fn run_finetune(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
     let started = std::time::Instant::now();
     let mut per_domain = serde_json::Map::new();
+    let mut errors = serde_json::Map::new();
     let mut f1s = Vec::new();
     let default_dir = match &a.fold_models {
         None => Some(a.model.dir()?),
@@ -286,7 +314,7 @@ fn run_finetune(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         };
         let mut target = load_domain(&a.data, a.shots, fold)?;
         target.truncate(a.episodes.unwrap_or(usize::MAX));
-        let mut scores = Vec::with_capacity(target.len());
+        let mut reports = Vec::with_capacity(target.len());
         for (i, ep) in target.iter().enumerate() {
             let preds = crate::bench::finetune::finetune_and_label(&dir, &ep.support, &ep.query, &a.finetune, i as u64)
                 .with_context(|| format!("fold {fold}, episode {i}"))?;
@@ -294,12 +322,14 @@ fn run_finetune(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             for (gold, pred) in ep.query.iter().zip(&preds) {
                 ev.add(gold, pred)?;
             }
-            scores.push(100.0 * ev.report().micro.f1);
+            reports.push(ev.report());
         }
+        let scores: Vec<f64> = reports.iter().map(|r| 100.0 * r.micro.f1).collect();
         let f1 = mean(&scores);
         let domain = DOMAINS[fold - 1];
         writeln!(out, "{domain:<22} F1 {f1:6.2}  ({} episodes; {:.0}s)", scores.len(), started.elapsed().as_secs_f64())?;
         per_domain.insert(domain.into(), serde_json::json!((f1 * 100.0).round() / 100.0));
+        errors.insert(domain.into(), error_summary(&reports));
         f1s.push(f1);
     }
     let avg = mean(&f1s);
@@ -307,6 +337,7 @@ fn run_finetune(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
     let result = serde_json::json!({
         "avg_f1": (avg * 100.0).round() / 100.0,
         "per_domain": per_domain,
+        "errors": errors,
         "episodes_per_domain": a.episodes.unwrap_or(100),
         "folds": a.folds,
         "settings": {
