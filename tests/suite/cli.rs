@@ -204,6 +204,9 @@ fn eval_scores_an_index_and_prediction_files() {
         "{r}"
     );
     assert!(close(&r["intent_accuracy"], 0.5) && close(&r["frame_accuracy"], 0.5), "{r}");
+    // "weather" and "in" touch no gold slot; "today" (date) is touched by nothing.
+    let errors = &r["errors"];
+    assert_eq!((&errors["spurious"], &errors["missed"], &errors["boundary"]), (&Value::from(2), &Value::from(1), &Value::from(0)), "{r}");
 }
 
 #[test]
