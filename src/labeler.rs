@@ -105,8 +105,10 @@ pub struct QueryConfig {
 /// `nearspan bench fewshot --shots 5` (BENCHMARKS.md). `o_margin` defaults to 0, the
 /// neutral rule (a slot is nearer a slot example than any non-slot example): the dev
 /// domains chose values from 0 to 0.2 with no stable trend, and on small domains a
-/// positive margin lets short non-slot words through. Tune both on your own dev data
-/// with `nearspan eval`.
+/// positive margin lets short non-slot words through. `o_penalty` defaults to 0, ranking
+/// by similarity alone as before it existed (and as the Python peer of `bench query`
+/// does); the dev domains chose 0.5 for most folds (BENCHMARKS.md). Tune all three on
+/// your own dev data with `nearspan eval`.
 impl Default for QueryConfig {
     fn default() -> Self {
         Self {
