@@ -190,7 +190,7 @@ pub struct QuerySettings {
     /// A span is a slot when its slot similarity plus this margin beats its non-slot similarity.
     #[arg(long, default_value_t = QueryConfig::default().o_margin, allow_negative_numbers = true)]
     pub o_margin: f32,
-    /// Decoding ranks a candidate span by its slot similarity minus this times its
+    /// Greedy decoding ranks a candidate span by its slot similarity minus this times its
     /// non-slot similarity (0: by similarity alone; 1: by how far the slot evidence wins).
     #[arg(long, default_value_t = QueryConfig::default().o_penalty)]
     pub o_penalty: f32,

@@ -80,10 +80,11 @@ pub struct QueryConfig {
     /// A span is a slot when its best slot similarity plus this margin exceeds its best
     /// non-slot similarity: positive values favour recall, negative ones precision.
     pub o_margin: f32,
-    /// Decoding ranks a candidate span by its best slot similarity minus this times its
-    /// best non-slot similarity: 0 ranks by similarity alone, 1 by how far its slot
+    /// Greedy decoding ranks a candidate span by its best slot similarity minus this times
+    /// its best non-slot similarity: 0 ranks by similarity alone, 1 by how far its slot
     /// evidence beats its non-slot evidence (which favours the span with the right
-    /// boundaries over a longer or shorter one that is just as similar to a slot).
+    /// boundaries over a longer or shorter one that is just as similar to a slot). The
+    /// best-average decoder ignores it.
     pub o_penalty: f32,
     pub strategy: Strategy,
     /// Utterance neighbours retrieved for the intent.
@@ -400,8 +401,12 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
         .filter_map(|e| {
             let &(label, score, _) = e.by_label.first()?;
             let beats_o = e.o_score.is_none_or(|o| score + cfg.o_margin > o);
-            // The decoder sees the ranking key; the similarity is reported below.
-            let rank = score - cfg.o_penalty * e.o_score.unwrap_or(0.0);
+            // Greedy decoding sees the ranking key; the similarity is reported below.
+            // Best-average sums similarities, so it keeps them.
+            let rank = match cfg.strategy {
+                Strategy::Greedy => score - cfg.o_penalty * e.o_score.unwrap_or(0.0),
+                Strategy::BestAverage => score,
+            };
             (score >= cfg.threshold && beats_o).then_some(Candidate { span: e.span, label, score: rank })
         })
         .collect();
@@ -579,11 +584,14 @@ mod tests {
             o_score: Some(o),
         };
         let r = Retrieved { spans: vec![evidence(0, 3, 0.80, 0.78), evidence(0, 2, 0.75, 0.40)], utterances: vec![] };
-        let slots = |o_penalty: f32| {
-            let cfg = QueryConfig { o_penalty, ..QueryConfig::default() };
+        let slots_with = |o_penalty: f32, strategy: Strategy| {
+            let cfg = QueryConfig { o_penalty, strategy, ..QueryConfig::default() };
             decide(&index, &ex, &r, &cfg).slots.into_iter().map(|s| (s.text, s.score)).collect::<Vec<_>>()
         };
+        let slots = |o_penalty: f32| slots_with(o_penalty, Strategy::Greedy);
         assert_eq!(slots(0.0), [("new york city".to_string(), 0.80)]);
         assert_eq!(slots(1.0), [("new york".to_string(), 0.75)]);
+        // Best-average sums similarities and ignores the penalty.
+        assert_eq!(slots_with(1.0, Strategy::BestAverage), slots_with(0.0, Strategy::BestAverage));
     }
 }

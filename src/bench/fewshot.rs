@@ -162,8 +162,8 @@ pub(crate) struct DevChoice {
     pub o_penalty: f32,
 }
 
-/// Grid-searches the threshold (and the non-slot margin, when `O` spans are indexed) on
-/// dev episodes; the mean per-episode F1 of the best setting also scores a checkpoint
+/// Grid-searches the threshold (and the non-slot margin and penalty, when `O` spans are
+/// indexed) on dev episodes; the mean per-episode F1 of the best setting also scores a checkpoint
 /// during training.
 fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<DevChoice> {
     cache.fill(dev)?;
