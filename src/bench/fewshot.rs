@@ -17,7 +17,7 @@ use nearspan_index::{BackendKind, HnswParams, SpanIndex};
 use crate::cli::{BuildArgs, ModelArg, QuerySettings};
 use crate::data::{read_fewshot, Episode, Example};
 use crate::encoder::{EncodedText, Encoder};
-use crate::eval::{ErrorCounts, EvalReport, Evaluator};
+use crate::eval::{ErrorCounts, EvalReport, Evaluator, SpanCounts};
 use crate::labeler::{self, BuildConfig, QueryConfig, Retrieved};
 
 /// SNIPS domain of each fold, in Hou et al.'s order (We, Mu, Pl, Bo, Se, Re, Cr).
@@ -140,13 +140,12 @@ fn episode_f1(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig) -> Result<f64> 
 
 /// Slot counts and error kinds summed over a domain's episodes, for the results file.
 fn error_summary(reports: &[EvalReport]) -> serde_json::Value {
-    let mut errors = ErrorCounts::default();
-    let (mut tp, mut fp, mut fn_) = (0, 0, 0);
+    let (mut counts, mut errors) = (SpanCounts::default(), ErrorCounts::default());
     for r in reports {
+        counts.add(r.counts);
         errors.add(r.errors);
-        (tp, fp, fn_) = (tp + r.counts.tp, fp + r.counts.fp, fn_ + r.counts.fn_);
     }
-    serde_json::json!({"tp": tp, "fp": fp, "fn": fn_, "fp_kinds": errors})
+    serde_json::json!({"tp": counts.tp, "fp": counts.fp, "fn": counts.fn_, "fp_kinds": errors})
 }
 
 fn mean(xs: &[f64]) -> f64 {

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::data::{Example, LabeledSpan};
+use crate::spans::WordSpan;
 
 mod error;
 mod files;
@@ -39,7 +40,7 @@ impl SpanCounts {
         Scores::from_counts(*self)
     }
 
-    fn add(&mut self, other: SpanCounts) {
+    pub fn add(&mut self, other: SpanCounts) {
         self.tp += other.tp;
         self.fp += other.fp;
         self.fn_ += other.fn_;
@@ -188,7 +189,8 @@ impl Evaluator {
             }
         }
         for (start, end, label) in unmatched {
-            let touched = pred.iter().any(|p| p.word_start < end && start < p.word_end);
+            let gold_words = WordSpan { start, end };
+            let touched = pred.iter().any(|p| words(p).overlaps(&gold_words));
             self.errors.missed += usize::from(!touched);
             self.per_label.entry(label).or_default().fn_ += 1;
             exact = false;
@@ -224,11 +226,16 @@ impl Evaluator {
     }
 }
 
+fn words(s: &LabeledSpan) -> WordSpan {
+    WordSpan { start: s.word_start, end: s.word_end }
+}
+
 /// The kind of a predicted slot that matches no gold slot exactly (one count set).
 fn false_positive_kind(p: &LabeledSpan, gold: &[LabeledSpan]) -> ErrorCounts {
-    let overlaps = |g: &&LabeledSpan| g.word_start < p.word_end && p.word_start < g.word_end;
+    let p_words = words(p);
+    let overlaps = |g: &&LabeledSpan| words(g).overlaps(&p_words);
     let mut kind = ErrorCounts::default();
-    if gold.iter().any(|g| g.word_start == p.word_start && g.word_end == p.word_end) {
+    if gold.iter().any(|g| words(g) == p_words) {
         kind.wrong_label = 1;
     } else if gold.iter().filter(overlaps).any(|g| g.label == p.label) {
         kind.boundary = 1;
