@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::builder::TypedValueParser as _;
 use clap::Args;
 use nearspan_index::{BackendKind, HnswParams, SpanIndex};
@@ -44,6 +44,11 @@ pub struct FewshotArgs {
     /// Dev-domain episodes used to choose the threshold.
     #[arg(long, default_value_t = 50)]
     pub dev_episodes: usize,
+    /// Skip the first N dev-domain episodes. `train retriever --dev-episodes N` picks its
+    /// checkpoint on the first N, so comparing training recipes by dev F1 should leave
+    /// those out: a recipe with more checkpoints to pick from gains on them by chance.
+    #[arg(long, default_value_t = 0)]
+    pub dev_skip: usize,
     /// Use --threshold as given instead of choosing it on the dev domain.
     #[arg(long)]
     pub no_tune: bool,
@@ -189,6 +194,16 @@ pub(crate) fn dev_score(encoder: &Encoder, dev: &[Episode], build: &BuildConfig,
     tune_on_dev(&mut cache, dev, build, cfg)
 }
 
+/// Dev episodes `skip + 1 ..= skip + take` (fewer when the domain ends first).
+fn dev_window(mut episodes: Vec<Episode>, skip: usize, take: usize) -> Result<Vec<Episode>> {
+    if skip >= episodes.len() {
+        bail!("--dev-skip {skip} leaves no dev episodes (the dev domain has {})", episodes.len());
+    }
+    episodes.drain(..skip);
+    episodes.truncate(take);
+    Ok(episodes)
+}
+
 fn check_folds(folds: &[usize]) -> Result<()> {
     if let Some(f) = folds.iter().find(|f| !(1..=7).contains(*f)) {
         anyhow::bail!("--folds: {f} is not a fold (1..=7)");
@@ -241,8 +256,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         let mut cfg = base_cfg;
         let mut dev_f1 = f64::NAN;
         if !a.no_tune {
-            let mut dev = load_domain(&a.data, a.shots, dev_fold)?;
-            dev.truncate(a.dev_episodes);
+            let dev = dev_window(load_domain(&a.data, a.shots, dev_fold)?, a.dev_skip, a.dev_episodes)?;
             let chosen = tune_on_dev(cache, &dev, &build, &cfg)?;
             (dev_f1, cfg.threshold, cfg.o_margin, cfg.o_penalty) = (chosen.f1, chosen.threshold, chosen.o_margin, chosen.o_penalty);
         }
@@ -280,6 +294,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         "chosen_on_dev": thresholds,
         "errors": errors,
         "episodes_per_domain": a.episodes.unwrap_or(100),
+        "dev_episodes": {"skipped": a.dev_skip, "at_most": a.dev_episodes},
         "folds": a.folds,
         "settings": {
             "model": model_name, "pooling": build.pooling.name(), "max_width": build.max_width,
@@ -338,6 +353,7 @@ fn run_finetune(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         "per_domain": per_domain,
         "errors": errors,
         "episodes_per_domain": a.episodes.unwrap_or(100),
+        "dev_episodes": {"skipped": a.dev_skip, "at_most": a.dev_episodes},
         "folds": a.folds,
         "settings": {
             "model": a.fold_models.clone().unwrap_or_else(|| default_dir.map(|d| d.display().to_string()).unwrap_or_default()),
@@ -348,4 +364,28 @@ fn run_finetune(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
     crate::bench::merge_result(&a.out, &[&a.key, &format!("{}shot", a.shots)], result)?;
     writeln!(out, "wrote {} [{}][{}shot]", a.out.display(), a.key, a.shots)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn episodes(n: usize) -> Vec<Episode> {
+        let ex = |i: usize| Example { text: format!("episode {i}"), words: Vec::new(), intent: None, spans: Vec::new() };
+        (1..=n).map(|i| Episode { support: Vec::new(), query: vec![ex(i)] }).collect()
+    }
+
+    fn names(eps: &[Episode]) -> Vec<&str> {
+        eps.iter().map(|e| e.query[0].text.as_str()).collect()
+    }
+
+    #[test]
+    fn dev_window_skips_then_takes() {
+        assert_eq!(names(&dev_window(episodes(5), 2, 2).unwrap()), ["episode 3", "episode 4"]);
+        assert_eq!(names(&dev_window(episodes(5), 0, 2).unwrap()), ["episode 1", "episode 2"]);
+        // The domain ends before `take` is reached.
+        assert_eq!(names(&dev_window(episodes(5), 3, 10).unwrap()), ["episode 4", "episode 5"]);
+        let err = dev_window(episodes(5), 5, 1).unwrap_err().to_string();
+        assert!(err.contains("--dev-skip 5") && err.contains("has 5"), "{err}");
+    }
 }
