@@ -51,6 +51,10 @@ pub struct LoopArgs {
     pub warmup: f64,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
+    /// Layer-wise learning-rate decay: each encoder layer trains at this times the rate
+    /// of the layer above it, the embeddings below the lowest (1: all at --lr).
+    #[arg(long, default_value_t = 1.0)]
+    pub layer_decay: f64,
     /// Clip the global gradient norm to this (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
@@ -86,6 +90,10 @@ impl LoopArgs {
         if !(self.epochs > 0.0) {
             bail!("--epochs must be positive");
         }
+        let decay_ok = self.layer_decay > 0.0 && self.layer_decay <= 1.0; // false for NaN
+        if !decay_ok {
+            bail!("--layer-decay must be in (0, 1], got {}", self.layer_decay);
+        }
         Ok(TrainConfig {
             epochs: self.epochs,
             max_steps: self.max_steps,
@@ -96,7 +104,7 @@ impl LoopArgs {
             eval_every: self.eval_every,
             checkpoint_every: self.checkpoint_every,
             patience: self.patience,
-            adamw: AdamWConfig { weight_decay: self.weight_decay, ..Default::default() },
+            adamw: AdamWConfig { weight_decay: self.weight_decay, layer_decay: self.layer_decay, ..Default::default() },
         })
     }
 
@@ -146,6 +154,10 @@ pub struct RetrieverArgs {
     /// Random non-slot spans per utterance that take part as label O.
     #[arg(long, default_value_t = 2)]
     pub o_spans: usize,
+    /// Non-slot spans only compete: slot spans are pushed away from them, but they are
+    /// not drawn towards each other (by default they are, as one more label).
+    #[arg(long)]
+    pub o_not_anchors: bool,
     /// Weight of the utterance-level intent loss (0: slots only).
     #[arg(long, default_value_t = 1.0)]
     pub intent_weight: f32,
@@ -311,6 +323,7 @@ fn retriever(a: RetrieverArgs, out: &mut dyn Write) -> Result<()> {
         max_width: a.build.max_width,
         scale: a.scale,
         o_spans: a.o_spans,
+        o_anchors: !a.o_not_anchors,
         intent_weight: a.intent_weight,
         per_label: a.per_label,
         dropout: a.run.dropout,

@@ -16,11 +16,20 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Layer-wise learning-rate decay: encoder layer `i` of `n` trains at
+    /// `layer_decay^(n - 1 - i)` times the rate, the embeddings at `layer_decay^n`, all
+    /// else (heads) at the full rate. 1: every weight at the same rate.
+    #[serde(default = "no_layer_decay")]
+    pub layer_decay: f64,
+}
+
+fn no_layer_decay() -> f64 {
+    1.0
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, layer_decay: 1.0 }
     }
 }
 
@@ -32,6 +41,8 @@ struct Slot {
     v: Vec<f32>,
     /// Biases and layer-norm weights are not decayed (as in BERT).
     decay: bool,
+    /// This tensor's share of the learning rate (layer-wise decay).
+    lr_scale: f64,
 }
 
 pub struct AdamW {
@@ -39,6 +50,44 @@ pub struct AdamW {
     config: AdamWConfig,
     /// Steps taken so far (bias correction uses it).
     steps: u64,
+}
+
+/// Where a weight sits in a BERT encoder, from its name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Depth {
+    Embeddings,
+    Layer(usize),
+    /// Heads and anything else outside the encoder.
+    Top,
+}
+
+fn depth(name: &str) -> Depth {
+    if let Some(i) = name.find("encoder.layer.") {
+        let rest = &name[i + "encoder.layer.".len()..];
+        if let Ok(n) = rest.split('.').next().unwrap_or("").parse() {
+            return Depth::Layer(n);
+        }
+    }
+    if name.starts_with("embeddings.") || name.contains(".embeddings.") {
+        return Depth::Embeddings;
+    }
+    Depth::Top
+}
+
+/// Each name's learning-rate factor under layer-wise decay `decay`.
+fn lr_scales<'a>(names: impl Iterator<Item = &'a str> + Clone, decay: f64) -> Vec<f64> {
+    let layers = names.clone().filter_map(|n| match depth(n) {
+        Depth::Layer(i) => Some(i + 1),
+        _ => None,
+    });
+    let n = layers.max().unwrap_or(0) as i32;
+    names
+        .map(|name| match depth(name) {
+            Depth::Layer(i) => decay.powi(n - 1 - i as i32),
+            Depth::Embeddings => decay.powi(n),
+            Depth::Top => 1.0,
+        })
+        .collect()
 }
 
 /// Whether a weight should be decayed: not biases, not layer norms.
@@ -106,11 +155,13 @@ impl AdamW {
     /// `vars`: (name, variable), e.g. from a `VarMap`; names key the saved state.
     pub fn new(mut vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let scales = lr_scales(vars.iter().map(|(name, _)| name.as_str()), config.layer_decay);
         let slots = vars
             .into_iter()
-            .map(|(name, var)| {
+            .zip(scales)
+            .map(|((name, var), lr_scale)| {
                 let n = var.as_tensor().elem_count();
-                Slot { decay: decays(&name), name, m: vec![0.0; n], v: vec![0.0; n], var }
+                Slot { decay: decays(&name), name, m: vec![0.0; n], v: vec![0.0; n], var, lr_scale }
             })
             .collect();
         Ok(Self { slots, config, steps: 0 })
@@ -136,6 +187,7 @@ impl AdamW {
         let t = self.steps as i32;
         for (s, g) in self.slots.iter_mut().zip(&flat) {
             let Some(g) = g else { continue };
+            let lr = lr * s.lr_scale;
             let op = Update {
                 grad: g,
                 moments: std::sync::Mutex::new((&mut s.m, &mut s.v)),
@@ -221,6 +273,40 @@ mod tests {
         assert!((lrs[4] - 1.0).abs() < 1e-12);
         assert!(lrs.windows(2).skip(4).all(|w| w[1] < w[0]), "{lrs:?}");
         assert!(lrs[11] > 0.0 && s.lr(12) == 0.0);
+    }
+
+    #[test]
+    fn layer_decay_scales_the_rate_by_depth() {
+        let names = [
+            "embeddings.word_embeddings.weight",
+            "encoder.layer.0.attention.self.query.weight",
+            "encoder.layer.1.output.dense.bias",
+            "encoder.layer.2.output.LayerNorm.weight",
+            "slot_head.weight",
+        ];
+        let got = lr_scales(names.iter().copied(), 0.5);
+        assert_eq!(got, [0.125, 0.25, 0.5, 1.0, 1.0]);
+        assert!(lr_scales(names.iter().copied(), 1.0).iter().all(|&x| x == 1.0));
+        // Layer numbers are read as numbers: layer 10 is above layer 9.
+        let deep = ["encoder.layer.9.x", "encoder.layer.10.x", "encoder.layer.11.x"];
+        assert_eq!(lr_scales(deep.iter().copied(), 0.5), [0.25, 0.5, 1.0]);
+    }
+
+    /// With layer decay d, the first AdamW step of a lower layer moves it d times as far
+    /// as the layer above (the first step's size is the rate, whatever the gradient).
+    #[test]
+    fn layer_decay_moves_lower_layers_less() {
+        let dev = Device::Cpu;
+        let low = Var::new(&[1.0f32], &dev).unwrap();
+        let high = Var::new(&[1.0f32], &dev).unwrap();
+        let cfg = AdamWConfig { weight_decay: 0.0, layer_decay: 0.5, ..Default::default() };
+        let vars = vec![("encoder.layer.0.w.weight".into(), low.clone()), ("encoder.layer.1.w.weight".into(), high.clone())];
+        let mut opt = AdamW::new(vars, cfg).unwrap();
+        let loss = (low.as_tensor() + high.as_tensor()).unwrap().sum_all().unwrap();
+        opt.step(&loss.backward().unwrap(), 0.1, 0.0).unwrap();
+        let moved = |v: &Var| 1.0 - v.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((moved(&high) - 0.1).abs() < 1e-5, "{}", moved(&high));
+        assert!((moved(&low) - 0.05).abs() < 1e-5, "{}", moved(&low));
     }
 
     #[test]

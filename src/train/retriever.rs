@@ -7,8 +7,9 @@
 //! - Spans are pooled as at inference ([`SpanPooling`], default start-end) and
 //!   L2-normalized; the score is `scale × cosine` (scale 20 ≈ temperature 0.05).
 //! - Non-slot spans take part as the label `O`: `o_spans` random non-gold candidate
-//!   spans per utterance, as anchors and as a competing label, because the index holds
-//!   `O` spans at inference and a slot span must end up nearer its own label than `O`.
+//!   spans per utterance, as a competing label, because the index holds `O` spans at
+//!   inference and a slot span must end up nearer its own label than `O`; and, unless
+//!   `o_anchors` is off, as anchors too (pulled towards each other like any label).
 //! - Intents are trained by the same loss over mean-pooled utterance vectors; the total
 //!   loss is `slot loss + intent_weight × intent loss` (one encoder, summed).
 
@@ -34,6 +35,10 @@ pub struct RetrieverLoss {
     pub scale: f32,
     /// Random non-slot spans per utterance (0: slots only).
     pub o_spans: usize,
+    /// Whether `O` spans are anchors of the loss (drawn towards their nearest `O`
+    /// neighbour) or only competitors that slot spans are pushed away from.
+    #[serde(default = "anchors_by_default")]
+    pub o_anchors: bool,
     pub intent_weight: f32,
     /// Examples drawn per label when a batch is built.
     pub per_label: usize,
@@ -47,6 +52,7 @@ impl Default for RetrieverLoss {
             max_width: crate::spans::DEFAULT_MAX_WIDTH,
             scale: 20.0,
             o_spans: 2,
+            o_anchors: true,
             intent_weight: 1.0,
             per_label: 4,
             dropout: 0.1,
@@ -140,15 +146,21 @@ fn normalize_rows(x: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_div(&(x.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?)
 }
 
+fn anchors_by_default() -> bool {
+    true
+}
+
 /// Batch softmax over labels: for each row `i` of the normalized vectors `v`, its score
 /// for label `l` is `scale × max_{j ≠ i, label(j) = l} cos(v_i, v_j)`; cross-entropy
 /// towards its own label, averaged over rows whose label has another member in the
-/// batch. `None` when no row has.
-pub fn batch_softmax_loss(v: &Tensor, labels: &[u32], scale: f32) -> Result<Option<Tensor>, TrainError> {
+/// batch, except rows of `not_anchor` (a label that only competes). `None` when no row
+/// is left.
+pub fn batch_softmax_loss(v: &Tensor, labels: &[u32], scale: f32, not_anchor: Option<u32>) -> Result<Option<Tensor>, TrainError> {
     let n = labels.len();
     let distinct: Vec<u32> = labels.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
     let count = |l: u32| labels.iter().filter(|&&x| x == l).count();
-    let rows: Vec<u32> = (0..n as u32).filter(|&i| count(labels[i as usize]) >= 2).collect();
+    let rows: Vec<u32> =
+        (0..n as u32).filter(|&i| count(labels[i as usize]) >= 2 && Some(labels[i as usize]) != not_anchor).collect();
     if rows.is_empty() {
         return Ok(None);
     }
@@ -223,7 +235,9 @@ impl Objective for RetrieverObjective<'_> {
         let mut total: Option<Tensor> = None;
         if !spans.is_empty() {
             let v = pool_spans(&flat, &spans, t, self.loss.pooling, &device)?;
-            total = batch_softmax_loss(&v, &span_labels, self.loss.scale)?;
+            // Label id 0 is `O` (see `loss_spans`).
+            let not_anchor = if self.loss.o_anchors { None } else { Some(0) };
+            total = batch_softmax_loss(&v, &span_labels, self.loss.scale, not_anchor)?;
         }
         let intents: Vec<Option<u32>> = batch.iter().map(|&i| self.examples[i].intent.as_ref().map(|x| self.intent_ids[x])).collect();
         if self.loss.intent_weight > 0.0 && intents.iter().all(Option::is_some) {
@@ -235,7 +249,7 @@ impl Objective for RetrieverObjective<'_> {
             let mask = Tensor::from_vec(mask, (b, 1, t), &device)?;
             let sent = normalize_rows(&mask.matmul(&hidden)?.squeeze(1)?)?;
             let labels: Vec<u32> = intents.into_iter().flatten().collect();
-            if let Some(l) = batch_softmax_loss(&sent, &labels, self.loss.scale)? {
+            if let Some(l) = batch_softmax_loss(&sent, &labels, self.loss.scale, None)? {
                 let l = (l * self.loss.intent_weight as f64)?;
                 total = Some(match total {
                     Some(s) => (s + l)?,
@@ -271,35 +285,40 @@ mod tests {
         let v = unit(&[[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.1, 1.0]]);
         let labels = [0, 0, 1, 1];
         let scale = 5.0f32;
-        let got = batch_softmax_loss(&v, &labels, scale).unwrap().unwrap().to_scalar::<f32>().unwrap();
         let vv = v.to_vec2::<f32>().unwrap();
         let cos = |i: usize, j: usize| vv[i][0] * vv[j][0] + vv[i][1] * vv[j][1];
-        let mut want = 0.0;
-        for i in 0..4 {
+        let row_loss = |i: usize| {
             let own: Vec<usize> = (0..4).filter(|&j| j != i && labels[j] == labels[i]).collect();
             let other: Vec<usize> = (0..4).filter(|&j| labels[j] != labels[i]).collect();
             let s_own = own.iter().map(|&j| cos(i, j)).fold(f32::MIN, f32::max) * scale;
             let s_other = other.iter().map(|&j| cos(i, j)).fold(f32::MIN, f32::max) * scale;
-            want += -(s_own - (s_own.exp() + s_other.exp()).ln());
-        }
-        want /= 4.0;
+            -(s_own - (s_own.exp() + s_other.exp()).ln())
+        };
+        let got = batch_softmax_loss(&v, &labels, scale, None).unwrap().unwrap().to_scalar::<f32>().unwrap();
+        let want = (0..4).map(row_loss).sum::<f32>() / 4.0;
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // Label 0 only competing: the mean over the rows of label 1 alone.
+        let got = batch_softmax_loss(&v, &labels, scale, Some(0)).unwrap().unwrap().to_scalar::<f32>().unwrap();
+        let want = (row_loss(2) + row_loss(3)) / 2.0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // Nothing left to anchor.
+        assert!(batch_softmax_loss(&v, &[0, 0, 1, 2], scale, Some(0)).unwrap().is_none());
     }
 
     #[test]
     fn lonely_rows_are_left_out_and_all_lonely_is_none() {
         let v = unit(&[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]);
-        assert!(batch_softmax_loss(&v, &[0, 1, 2], 20.0).unwrap().is_none());
+        assert!(batch_softmax_loss(&v, &[0, 1, 2], 20.0, None).unwrap().is_none());
         // Label 2 has one member: only rows 0 and 1 are anchors, but 2 still competes.
-        let with = batch_softmax_loss(&unit(&[[1.0, 0.0], [1.0, 0.1], [1.0, 0.05]]), &[0, 0, 2], 20.0).unwrap().unwrap();
-        let without = batch_softmax_loss(&unit(&[[1.0, 0.0], [1.0, 0.1]]), &[0, 0], 20.0).unwrap().unwrap();
+        let with = batch_softmax_loss(&unit(&[[1.0, 0.0], [1.0, 0.1], [1.0, 0.05]]), &[0, 0, 2], 20.0, None).unwrap().unwrap();
+        let without = batch_softmax_loss(&unit(&[[1.0, 0.0], [1.0, 0.1]]), &[0, 0], 20.0, None).unwrap().unwrap();
         assert!(with.to_scalar::<f32>().unwrap() > without.to_scalar::<f32>().unwrap() + 0.1);
     }
 
     #[test]
     fn gradient_flows_to_the_vectors() {
         let var = candle_core::Var::from_tensor(&unit(&[[1.0, 0.0], [0.5, 1.0], [0.0, 1.0], [1.0, 0.7]])).unwrap();
-        let loss = batch_softmax_loss(var.as_tensor(), &[0, 0, 1, 1], 10.0).unwrap().unwrap();
+        let loss = batch_softmax_loss(var.as_tensor(), &[0, 0, 1, 1], 10.0, None).unwrap().unwrap();
         let g = loss.backward().unwrap();
         let grad = g.get(var.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(grad > 0.0);

@@ -21,18 +21,31 @@ fn smarthome() -> PathBuf {
 fn retriever_loss_reaches_every_encoder_weight() {
     let t = TrainableEncoder::load(&model_dir()).unwrap();
     let examples = nearspan::data::read_jsonl(&smarthome()).unwrap();
-    let loss_cfg = RetrieverLoss { dropout: 0.0, ..Default::default() };
-    let objective = RetrieverObjective::new(&t.encoder, examples, loss_cfg, 8).unwrap();
-    let plan = objective.plan_epoch(&mut Rng::new(1));
-    let (loss, tokens) = objective.loss(&plan[0], &mut Rng::new(2)).unwrap();
-    assert!(tokens > 0);
-    let value = loss.to_scalar::<f32>().unwrap();
-    assert!(value.is_finite() && value > 0.0, "loss {value}");
-    let grads = loss.backward().unwrap();
-    let data = t.varmap.data().lock().unwrap();
-    assert!(data.len() >= 100);
-    let without = crate::common::weights_without_gradient(data.iter().map(|(k, v)| (k.as_str(), v)), &grads);
-    assert!(without.is_empty(), "weights without gradient: {without:?}");
+    // With `O` spans as anchors (the default) and as competitors only.
+    for o_anchors in [true, false] {
+        let loss_cfg = RetrieverLoss { dropout: 0.0, o_anchors, ..Default::default() };
+        let objective = RetrieverObjective::new(&t.encoder, examples.clone(), loss_cfg, 8).unwrap();
+        let plan = objective.plan_epoch(&mut Rng::new(1));
+        let (loss, tokens) = objective.loss(&plan[0], &mut Rng::new(2)).unwrap();
+        assert!(tokens > 0);
+        let value = loss.to_scalar::<f32>().unwrap();
+        assert!(value.is_finite() && value > 0.0, "loss {value} (o_anchors {o_anchors})");
+        let grads = loss.backward().unwrap();
+        let data = t.varmap.data().lock().unwrap();
+        assert!(data.len() >= 100);
+        let without = crate::common::weights_without_gradient(data.iter().map(|(k, v)| (k.as_str(), v)), &grads);
+        assert!(without.is_empty(), "weights without gradient (o_anchors {o_anchors}): {without:?}");
+    }
+}
+
+#[test]
+fn layer_decay_outside_its_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0", "1.5", "NaN"] {
+        let out = train_cmd(&dir.path().join("run"), &["--layer-decay", bad]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("--layer-decay must be in (0, 1]"), "{bad}: {err}");
+    }
 }
 
 fn train_cmd(out: &Path, extra: &[&str]) -> Command {
