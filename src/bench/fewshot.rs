@@ -353,7 +353,6 @@ fn run_finetune(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         "per_domain": per_domain,
         "errors": errors,
         "episodes_per_domain": a.episodes.unwrap_or(100),
-        "dev_episodes": {"skipped": a.dev_skip, "at_most": a.dev_episodes},
         "folds": a.folds,
         "settings": {
             "model": a.fold_models.clone().unwrap_or_else(|| default_dir.map(|d| d.display().to_string()).unwrap_or_default()),
