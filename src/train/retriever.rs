@@ -25,6 +25,9 @@ use crate::data::Example;
 use crate::encoder::{Encoder, ForwardMode, SpanPooling, TokenizedText};
 use crate::labeler::O_LABEL;
 
+/// The label id of `O` among the slot labels of training.
+const O_ID: u32 = 0;
+
 /// The objective's settings.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RetrieverLoss {
@@ -82,7 +85,7 @@ impl<'a> RetrieverObjective<'a> {
         let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
         let tokens = encoder.tokenize_all(&texts)?;
         let word_tokens = tokens.iter().zip(&examples).map(|(t, e)| t.align_words(&e.words)).collect();
-        let mut slot_ids = HashMap::from([(O_LABEL.to_string(), 0u32)]);
+        let mut slot_ids = HashMap::from([(O_LABEL.to_string(), O_ID)]);
         let mut intent_ids = HashMap::new();
         let mut groups = Vec::with_capacity(examples.len());
         for e in &examples {
@@ -132,7 +135,7 @@ impl<'a> RetrieverObjective<'a> {
             }
             if let Some(t) = tok(start..end) {
                 if !out.iter().any(|(r, _)| *r == t) {
-                    out.push((t, 0));
+                    out.push((t, O_ID));
                     added += 1;
                 }
             }
@@ -235,8 +238,7 @@ impl Objective for RetrieverObjective<'_> {
         let mut total: Option<Tensor> = None;
         if !spans.is_empty() {
             let v = pool_spans(&flat, &spans, t, self.loss.pooling, &device)?;
-            // Label id 0 is `O` (see `loss_spans`).
-            let not_anchor = if self.loss.o_anchors { None } else { Some(0) };
+            let not_anchor = if self.loss.o_anchors { None } else { Some(O_ID) };
             total = batch_softmax_loss(&v, &span_labels, self.loss.scale, not_anchor)?;
         }
         let intents: Vec<Option<u32>> = batch.iter().map(|&i| self.examples[i].intent.as_ref().map(|x| self.intent_ids[x])).collect();
