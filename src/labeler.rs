@@ -281,7 +281,7 @@ fn utterance_vector(enc: &EncodedText, build: &BuildConfig) -> Vec<f32> {
 
 /// The spans of an example that go into the index, with their labels.
 fn index_spans<'a>(ex: &'a Example, build: &BuildConfig) -> (Vec<WordSpan>, Vec<&'a str>) {
-    let mut spans: Vec<WordSpan> = ex.spans.iter().map(|s| WordSpan { start: s.word_start, end: s.word_end }).collect();
+    let mut spans: Vec<WordSpan> = ex.spans.iter().map(LabeledSpan::words).collect();
     let mut labels: Vec<&str> = ex.spans.iter().map(|s| s.label.as_str()).collect();
     if build.index_o_spans {
         for c in candidate_spans(ex.words.len(), build.max_width) {

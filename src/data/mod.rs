@@ -59,6 +59,13 @@ pub struct LabeledSpan {
     pub end: usize,
 }
 
+impl LabeledSpan {
+    /// The words it covers.
+    pub fn words(&self) -> crate::spans::WordSpan {
+        crate::spans::WordSpan { start: self.word_start, end: self.word_end }
+    }
+}
+
 /// One utterance with its gold (or predicted) intent and slots.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Example {

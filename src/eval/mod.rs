@@ -190,7 +190,7 @@ impl Evaluator {
         }
         for (start, end, label) in unmatched {
             let gold_words = WordSpan { start, end };
-            let touched = pred.iter().any(|p| words(p).overlaps(&gold_words));
+            let touched = pred.iter().any(|p| p.words().overlaps(&gold_words));
             self.errors.missed += usize::from(!touched);
             self.per_label.entry(label).or_default().fn_ += 1;
             exact = false;
@@ -226,16 +226,12 @@ impl Evaluator {
     }
 }
 
-fn words(s: &LabeledSpan) -> WordSpan {
-    WordSpan { start: s.word_start, end: s.word_end }
-}
-
 /// The kind of a predicted slot that matches no gold slot exactly (one count set).
 fn false_positive_kind(p: &LabeledSpan, gold: &[LabeledSpan]) -> ErrorCounts {
-    let p_words = words(p);
-    let overlaps = |g: &&LabeledSpan| words(g).overlaps(&p_words);
+    let p_words = p.words();
+    let overlaps = |g: &&LabeledSpan| g.words().overlaps(&p_words);
     let mut kind = ErrorCounts::default();
-    if gold.iter().any(|g| words(g) == p_words) {
+    if gold.iter().any(|g| g.words() == p_words) {
         kind.wrong_label = 1;
     } else if gold.iter().filter(overlaps).any(|g| g.label == p.label) {
         kind.boundary = 1;
