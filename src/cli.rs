@@ -221,6 +221,14 @@ pub struct QuerySettings {
     /// accuracy cost measured in BENCHMARKS.md. Default: search all spans.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
     pub prefilter: Option<usize>,
+    /// A span detector (`nearspan train detector`, JSON): its probability P that a span
+    /// is a slot moves the span's score by --detector-weight × (P − 0.5). Default: none.
+    #[arg(long, value_name = "FILE")]
+    pub detector: Option<PathBuf>,
+    /// How far the detector moves a span's score (0..=2; the few-shot dev domains chose
+    /// 0.1 or 0.2, BENCHMARKS.md).
+    #[arg(long, default_value_t = 0.1)]
+    pub detector_weight: f32,
 }
 
 impl QuerySettings {
@@ -245,6 +253,9 @@ impl QuerySettings {
         if self.k == 0 || self.intent_k == 0 {
             bail!("--k and --intent-k must be at least 1");
         }
+        if !(0.0..=2.0).contains(&self.detector_weight) {
+            bail!("--detector-weight {} must be between 0 and 2", self.detector_weight);
+        }
         Ok(QueryConfig {
             k: self.k,
             threshold: self.threshold,
@@ -257,7 +268,16 @@ impl QuerySettings {
             explain: self.explain,
             batch_size: self.batch_size,
             prefilter: self.prefilter,
+            detector_weight: if self.detector.is_some() { self.detector_weight } else { 0.0 },
         })
+    }
+
+    /// The `--detector` file, checked against the encoder's vector size.
+    pub(crate) fn load_detector(&self, encoder: &Encoder) -> Result<Option<crate::detector::SpanDetector>> {
+        match &self.detector {
+            None => Ok(None),
+            Some(path) => Ok(Some(crate::detector::SpanDetector::load(path, encoder.info().hidden_size)?)),
+        }
     }
 }
 
@@ -487,7 +507,8 @@ fn query(a: QueryArgs, out: &mut dyn Write) -> Result<()> {
     a.settings.apply(&mut index);
     let build = build_config(&index)?;
     let examples = read_query_examples(&a)?;
-    let predictions = labeler::label_examples(&encoder, &index, &examples, &build, &cfg)?;
+    let detector = a.settings.load_detector(&encoder)?;
+    let predictions = labeler::label_examples(&encoder, &index, &examples, &build, &cfg, detector.as_ref())?;
     let format = if a.json { OutputFormat::Json } else { a.format };
     for (ex, p) in examples.iter().zip(&predictions) {
         match format {
@@ -536,7 +557,8 @@ fn eval(a: EvalArgs, out: &mut dyn Write) -> Result<()> {
             a.settings.apply(&mut index);
             let build = build_config(&index)?;
             let gold = load_examples(data_path, a.split.as_deref(), "test")?;
-            let predictions = labeler::label_examples(&encoder, &index, &gold, &build, &cfg)?;
+            let detector = a.settings.load_detector(&encoder)?;
+            let predictions = labeler::label_examples(&encoder, &index, &gold, &build, &cfg, detector.as_ref())?;
             let mut ev = Evaluator::new();
             for (g, p) in gold.iter().zip(&predictions) {
                 ev.add(g, &p.to_example(g))?;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Example, LabeledSpan};
 use crate::decode::{decode, Candidate, Strategy};
+use crate::detector::SpanDetector;
 use crate::encoder::{EncodedText, Encoder, EncoderError, SpanPooling};
 use crate::spans::{candidate_spans, factored_span_vectors, span_vectors, SpanVectors, WordSpan};
 
@@ -100,6 +101,10 @@ pub struct QueryConfig {
     /// faster on large indexes (no span graph walk); what it costs in accuracy is in
     /// BENCHMARKS.md. `None` searches every span.
     pub prefilter: Option<usize>,
+    /// How much the span detector's opinion moves a span's slot score: by this times
+    /// (P(slot) − 0.5), in the threshold, the non-slot comparison and the greedy ranking.
+    /// 0 ignores it; only spans with a `slotness` are affected.
+    pub detector_weight: f32,
 }
 
 /// The default `threshold` is the median of the values chosen on the dev domains by
@@ -124,6 +129,7 @@ impl Default for QueryConfig {
             explain: 3,
             batch_size: crate::encoder::DEFAULT_BATCH_SIZE,
             prefilter: None,
+            detector_weight: 0.0,
         }
     }
 }
@@ -306,6 +312,9 @@ pub struct SpanEvidence {
     pub by_label: Vec<(u32, f32, u32)>,
     /// Best similarity to a non-slot span, if any was retrieved.
     pub o_score: Option<f32>,
+    /// The span detector's logit that this span is a slot of any label
+    /// ([`crate::detector`]); `None` without a detector.
+    pub slotness: Option<f32>,
 }
 
 /// Everything retrieved for one utterance; decoding it is cheap, so thresholds can
@@ -319,16 +328,22 @@ pub struct Retrieved {
 
 /// Retrieves neighbours for every candidate span of every example (one encoder pass
 /// per batch, one batched index search per batch).
+/// With a `detector`, every span also gets its [`SpanEvidence::slotness`].
 pub fn retrieve(
     encoder: &Encoder,
     index: &SpanIndex,
     examples: &[Example],
     build: &BuildConfig,
     cfg: &QueryConfig,
+    detector: Option<&SpanDetector>,
 ) -> Result<Vec<Retrieved>, LabelerError> {
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let encoded = encoder.encode(&texts, cfg.batch_size)?;
-    Ok(retrieve_encoded(index, examples, &encoded, build, cfg))
+    let mut retrieved = retrieve_encoded(index, examples, &encoded, build, cfg);
+    if let Some(d) = detector {
+        add_slotness(d, examples, &encoded, &mut retrieved);
+    }
+    Ok(retrieved)
 }
 
 /// [`retrieve`] for examples already encoded (the few-shot benchmark encodes each
@@ -385,12 +400,22 @@ pub fn retrieve_encoded(
                     }
                     let o_score = by_label.iter().find(|(l, _, _)| Some(*l) == o_label).map(|x| x.1);
                     by_label.retain(|(l, _, _)| Some(*l) != o_label);
-                    SpanEvidence { span: *span, by_label, o_score }
+                    SpanEvidence { span: *span, by_label, o_score, slotness: None }
                 })
                 .collect();
             Retrieved { spans, utterances }
         })
         .collect()
+}
+
+/// Gives every retrieved span the span detector's logit (see [`SpanEvidence::slotness`]).
+pub fn add_slotness(detector: &SpanDetector, examples: &[Example], encoded: &[EncodedText], retrieved: &mut [Retrieved]) {
+    for ((ex, enc), r) in examples.iter().zip(encoded).zip(retrieved) {
+        let spans: Vec<WordSpan> = r.spans.iter().map(|e| e.span).collect();
+        for (e, z) in r.spans.iter_mut().zip(detector.logits(enc, &ex.words, &spans)) {
+            e.slotness = Some(z);
+        }
+    }
 }
 
 /// Decodes one utterance's retrieval into slots and intent, with justifications.
@@ -399,7 +424,8 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
         .spans
         .iter()
         .filter_map(|e| {
-            let &(label, score, _) = e.by_label.first()?;
+            let &(label, similarity, _) = e.by_label.first()?;
+            let score = similarity + e.slotness.map_or(0.0, |z| cfg.detector_weight * (crate::detector::sigmoid(z) - 0.5));
             let beats_o = e.o_score.is_none_or(|o| score + cfg.o_margin > o);
             // Greedy decoding sees the ranking key; the similarity is reported below.
             // Best-average sums similarities, so it keeps them.
@@ -510,15 +536,17 @@ fn decide_intent(index: &SpanIndex, r: &Retrieved, cfg: &QueryConfig) -> Option<
     Some(IntentPrediction { label: label.to_string(), score, neighbours })
 }
 
-/// Labels examples (their words decide the candidate spans).
+/// Labels examples (their words decide the candidate spans), with the span detector's
+/// opinion when one is given.
 pub fn label_examples(
     encoder: &Encoder,
     index: &SpanIndex,
     examples: &[Example],
     build: &BuildConfig,
     cfg: &QueryConfig,
+    detector: Option<&SpanDetector>,
 ) -> Result<Vec<Prediction>, LabelerError> {
-    let retrieved = retrieve(encoder, index, examples, build, cfg)?;
+    let retrieved = retrieve(encoder, index, examples, build, cfg, detector)?;
     Ok(examples.iter().zip(&retrieved).map(|(ex, r)| decide(index, ex, r, cfg)).collect())
 }
 
@@ -531,7 +559,7 @@ pub fn label_texts(
     cfg: &QueryConfig,
 ) -> Result<Vec<Prediction>, LabelerError> {
     let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
-    label_examples(encoder, index, &examples, build, cfg)
+    label_examples(encoder, index, &examples, build, cfg, None)
 }
 
 #[cfg(test)]
@@ -582,6 +610,7 @@ mod tests {
             span: WordSpan { start, end },
             by_label: vec![(city_id, score, 0)],
             o_score: Some(o),
+            slotness: None,
         };
         let r = Retrieved { spans: vec![evidence(0, 3, 0.80, 0.78), evidence(0, 2, 0.75, 0.40)], utterances: vec![] };
         let slots_with = |o_penalty: f32, strategy: Strategy| {
@@ -593,5 +622,36 @@ mod tests {
         assert_eq!(slots(1.0), [("new york".to_string(), 0.75)]);
         // Best-average sums similarities and ignores the penalty.
         assert_eq!(slots_with(1.0, Strategy::BestAverage), slots_with(0.0, Strategy::BestAverage));
+    }
+
+    /// The detector's opinion: a span that loses to non-slot evidence becomes a slot when
+    /// the detector is sure it is one, a span that wins is dropped below the threshold
+    /// when it is sure it is not; weight 0 or no slotness changes nothing, and the
+    /// reported score stays the similarity.
+    #[test]
+    fn the_detector_moves_slot_decisions_by_its_weight() {
+        let info = EncoderInfo { model_id: "toy".into(), revision: "0".into(), pooling: "mean".into(), max_width: 3, dim: 2 };
+        let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
+        let city = NewSpan { label: "city", start: 3, end: 8, text: "paris" };
+        index.add_example("to paris", None, &[1.0, 0.0], &[(city, &[1.0, 0.0][..])]).unwrap();
+        let city_id = index.label_id("city").unwrap().0;
+        let ex = Example::from_text("fly to oslo from rome", None);
+        let evidence = |start, score, o, slotness| SpanEvidence {
+            span: WordSpan { start, end: start + 1 },
+            by_label: vec![(city_id, score, 0)],
+            o_score: Some(o),
+            slotness,
+        };
+        // "oslo": slot 0.70 loses to non-slot 0.75; "rome": slot 0.80 beats non-slot 0.50.
+        let r = |oslo, rome| Retrieved { spans: vec![evidence(2, 0.70, 0.75, oslo), evidence(4, 0.80, 0.50, rome)], utterances: vec![] };
+        let slots = |r: &Retrieved, detector_weight: f32| {
+            let cfg = QueryConfig { detector_weight, threshold: 0.7, ..QueryConfig::default() };
+            decide(&index, &ex, r, &cfg).slots.into_iter().map(|s| (s.text, s.score)).collect::<Vec<_>>()
+        };
+        let sure = r(Some(6.0), Some(-6.0));
+        assert_eq!(slots(&sure, 0.0), [("rome".to_string(), 0.80)]);
+        // 0.70 + 0.4 × (σ(6) − 0.5) ≈ 0.90 > 0.75; 0.80 − 0.4 × 0.4975 ≈ 0.60 < 0.7.
+        assert_eq!(slots(&sure, 0.4), [("oslo".to_string(), 0.70)]);
+        assert_eq!(slots(&r(None, None), 0.4), [("rome".to_string(), 0.80)]);
     }
 }

@@ -11,6 +11,7 @@ pub mod paths;
 pub mod train;
 pub mod spans;
 pub mod decode;
+pub mod detector;
 pub mod labeler;
 pub mod cli;
 pub mod bench;

@@ -140,7 +140,7 @@ pub fn factored_span_vectors(encoded: &EncodedText, words: &[Word], spans: Vec<W
 }
 
 /// Sub-token range covered by a word span (empty if its words have no tokens).
-fn token_range(word_tokens: &[Range<usize>], span: WordSpan) -> Range<usize> {
+pub(crate) fn token_range(word_tokens: &[Range<usize>], span: WordSpan) -> Range<usize> {
     let covered = &word_tokens[span.start..span.end];
     let start = covered.iter().find(|r| !r.is_empty()).map(|r| r.start);
     let end = covered.iter().rev().find(|r| !r.is_empty()).map(|r| r.end);

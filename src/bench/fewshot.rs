@@ -16,6 +16,7 @@ use nearspan_index::{BackendKind, HnswParams, SpanIndex};
 
 use crate::cli::{BuildArgs, ModelArg, QuerySettings};
 use crate::data::{read_fewshot, Episode, Example};
+use crate::detector::SpanDetector;
 use crate::encoder::{EncodedText, Encoder};
 use crate::eval::{ErrorCounts, EvalReport, Evaluator, SpanCounts};
 use crate::labeler::{self, BuildConfig, QueryConfig, Retrieved};
@@ -69,6 +70,16 @@ pub struct FewshotArgs {
     pub method: String,
     #[command(flatten)]
     pub finetune: crate::bench::finetune::FinetuneSettings,
+    /// With --detector: fit each episode's copy of the detector this many more epochs on
+    /// the episode's support set (what `nearspan train detector --init` does for a
+    /// user's own examples), 4 utterances per step.
+    #[arg(long, default_value_t = 0, requires = "detector")]
+    pub detector_adapt: usize,
+    /// Diagnostic, never a result: a detector that knows the gold slot boundaries of
+    /// every query (logit ±20), weighted as --detector is. Bounds what better slot
+    /// detection could gain.
+    #[arg(long, conflicts_with = "detector")]
+    pub oracle_detector: bool,
     #[command(flatten)]
     pub build: BuildArgs,
     #[command(flatten)]
@@ -83,12 +94,53 @@ const MARGIN_GRID: [f32; 10] = [-0.05, 0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 /// Non-slot penalties of the decoder's ranking tried on the dev domain (with `O` spans).
 const PENALTY_GRID: [f32; 3] = [0.0, 0.5, 1.0];
 
+/// Span-detector weights tried on the dev domain (with `--detector`).
+const DETECTOR_GRID: [f32; 5] = [0.0, 0.1, 0.2, 0.4, 0.8];
+
 /// Encodes every distinct text once, however many episodes and folds reuse it (each
 /// file serves as target of one fold and dev of another; all of them fit in memory).
 struct EncodingCache<'a> {
     encoder: &'a Encoder,
     batch_size: usize,
     map: HashMap<String, EncodedText>,
+    slotness: Slotness<'a>,
+}
+
+/// Where the query spans' slotness comes from ([`labeler::SpanEvidence::slotness`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Slotness<'a> {
+    detector: Option<&'a SpanDetector>,
+    /// Epochs of fitting a copy of `detector` on each episode's support set first.
+    adapt_epochs: usize,
+    /// The gold boundaries instead (`--oracle-detector`).
+    oracle: bool,
+}
+
+impl Slotness<'_> {
+    fn is_some(&self) -> bool {
+        self.detector.is_some() || self.oracle
+    }
+
+    fn add(&self, ep: &Episode, support: &[EncodedText], queries: &[EncodedText], retrieved: &mut [Retrieved]) -> Result<()> {
+        if let Some(d) = self.detector {
+            if self.adapt_epochs > 0 {
+                let cfg = crate::detector::FitConfig { epochs: self.adapt_epochs, batch: 4, max_width: d.max_width, ..Default::default() };
+                let (adapted, _) = SpanDetector::fit_from(Some(d), &ep.support, support, &cfg)?;
+                labeler::add_slotness(&adapted, &ep.query, queries, retrieved);
+            } else {
+                labeler::add_slotness(d, &ep.query, queries, retrieved);
+            }
+        }
+        if self.oracle {
+            for (ex, r) in ep.query.iter().zip(retrieved.iter_mut()) {
+                let gold: Vec<_> = ex.spans.iter().map(|s| s.words()).collect();
+                for e in r.spans.iter_mut() {
+                    e.slotness = Some(if gold.contains(&e.span) { 20.0 } else { -20.0 });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl EncodingCache<'_> {
@@ -124,7 +176,11 @@ fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &Q
     let info = labeler::encoder_info(cache.encoder, build);
     let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default())?;
     labeler::add_encoded(&mut index, &ep.support, &cache.get(&ep.support), build)?;
-    let retrieved = labeler::retrieve_encoded(&index, &ep.query, &cache.get(&ep.query), build, cfg);
+    let encoded = cache.get(&ep.query);
+    let mut retrieved = labeler::retrieve_encoded(&index, &ep.query, &encoded, build, cfg);
+    if cache.slotness.is_some() {
+        cache.slotness.add(ep, &cache.get(&ep.support), &encoded, &mut retrieved)?;
+    }
     Ok(EpisodeRun { index, retrieved })
 }
 
@@ -164,6 +220,7 @@ pub(crate) struct DevChoice {
     pub threshold: f32,
     pub o_margin: f32,
     pub o_penalty: f32,
+    pub detector_weight: f32,
 }
 
 /// Grid-searches the threshold (and the non-slot margin and penalty, when `O` spans are
@@ -173,14 +230,23 @@ fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, 
     cache.fill(dev)?;
     let runs: Vec<EpisodeRun> = dev.iter().map(|ep| run_episode(cache, ep, build, cfg)).collect::<Result<_>>()?;
     let (margins, penalties): (&[f32], &[f32]) = if build.index_o_spans { (&MARGIN_GRID, &PENALTY_GRID) } else { (&[0.0], &[0.0]) };
-    let mut best = DevChoice { f1: f64::NEG_INFINITY, threshold: cfg.threshold, o_margin: cfg.o_margin, o_penalty: cfg.o_penalty };
-    for &p in penalties {
-        for &t in &THRESHOLD_GRID {
-            for &m in margins {
-                let c = QueryConfig { threshold: t, o_margin: m, o_penalty: p, ..*cfg };
-                let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, &c)).collect::<Result<Vec<_>>>()?);
-                if f1 > best.f1 {
-                    best = DevChoice { f1, threshold: t, o_margin: m, o_penalty: p };
+    let weights: &[f32] = if cache.slotness.is_some() { &DETECTOR_GRID } else { &[0.0] };
+    let mut best = DevChoice {
+        f1: f64::NEG_INFINITY,
+        threshold: cfg.threshold,
+        o_margin: cfg.o_margin,
+        o_penalty: cfg.o_penalty,
+        detector_weight: cfg.detector_weight,
+    };
+    for &w in weights {
+        for &p in penalties {
+            for &t in &THRESHOLD_GRID {
+                for &m in margins {
+                    let c = QueryConfig { threshold: t, o_margin: m, o_penalty: p, detector_weight: w, ..*cfg };
+                    let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, &c)).collect::<Result<Vec<_>>>()?);
+                    if f1 > best.f1 {
+                        best = DevChoice { f1, threshold: t, o_margin: m, o_penalty: p, detector_weight: w };
+                    }
                 }
             }
         }
@@ -190,7 +256,7 @@ fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, 
 
 /// Scores an encoder on dev episodes (settings tuned there), for early stopping.
 pub(crate) fn dev_score(encoder: &Encoder, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<DevChoice> {
-    let mut cache = EncodingCache { encoder, batch_size: cfg.batch_size, map: HashMap::new() };
+    let mut cache = EncodingCache { encoder, batch_size: cfg.batch_size, map: HashMap::new(), slotness: Slotness::default() };
     tune_on_dev(&mut cache, dev, build, cfg)
 }
 
@@ -248,7 +314,17 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             None => None,
         };
         let encoder = fold_encoder.as_ref().or(shared_encoder.as_ref()).expect("a shared or a per-fold encoder");
-        let mut fold_cache = EncodingCache { encoder, batch_size: base_cfg.batch_size, map: std::mem::take(&mut carried) };
+        // --detector may name each fold's file with `{fold}`, like --fold-models.
+        let detector = match &a.settings.detector {
+            Some(pattern) => {
+                let path = PathBuf::from(pattern.to_string_lossy().replace("{fold}", &fold.to_string()));
+                Some(SpanDetector::load(&path, encoder.info().hidden_size).with_context(|| format!("fold {fold}: --detector"))?)
+            }
+            None => None,
+        };
+        let slotness = Slotness { detector: detector.as_ref(), adapt_epochs: a.detector_adapt, oracle: a.oracle_detector };
+        let mut fold_cache =
+            EncodingCache { encoder, batch_size: base_cfg.batch_size, map: std::mem::take(&mut carried), slotness };
         let cache = &mut fold_cache;
         let dev_fold = fold % 7 + 1;
         let mut target = load_domain(&a.data, a.shots, fold)?;
@@ -259,6 +335,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             let dev = dev_window(load_domain(&a.data, a.shots, dev_fold)?, a.dev_skip, a.dev_episodes)?;
             let chosen = tune_on_dev(cache, &dev, &build, &cfg)?;
             (dev_f1, cfg.threshold, cfg.o_margin, cfg.o_penalty) = (chosen.f1, chosen.threshold, chosen.o_margin, chosen.o_penalty);
+            cfg.detector_weight = chosen.detector_weight;
         }
         cache.fill(&target)?;
         let reports: Vec<EvalReport> = target
@@ -273,16 +350,17 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         let domain = DOMAINS[fold - 1];
         writeln!(
             out,
-            "{domain:<22} F1 {f1:6.2}  ({} episodes; on dev {}: F1 {dev_f1:.2} at threshold {:.2}, margin {:.3}, penalty {:.1}; {:.0}s)",
+            "{domain:<22} F1 {f1:6.2}  ({} episodes; on dev {}: F1 {dev_f1:.2} at threshold {:.2}, margin {:.3}, penalty {:.1}, detector {:.1}; {:.0}s)",
             scores.len(),
             DOMAINS[dev_fold - 1],
             cfg.threshold,
             cfg.o_margin,
             cfg.o_penalty,
+            cfg.detector_weight,
             started.elapsed().as_secs_f64()
         )?;
         per_domain.insert(domain.into(), serde_json::json!((f1 * 100.0).round() / 100.0));
-        thresholds.insert(domain.into(), serde_json::json!({"threshold": cfg.threshold, "o_margin": cfg.o_margin, "o_penalty": cfg.o_penalty, "dev_f1": dev_f1}));
+        thresholds.insert(domain.into(), serde_json::json!({"threshold": cfg.threshold, "o_margin": cfg.o_margin, "o_penalty": cfg.o_penalty, "detector_weight": cfg.detector_weight, "dev_f1": dev_f1}));
         errors.insert(domain.into(), error_summary(&reports));
         f1s.push(f1);
     }
@@ -299,7 +377,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         "settings": {
             "model": model_name, "pooling": build.pooling.name(), "max_width": build.max_width,
             "o_spans": build.index_o_spans, "k": base_cfg.k, "decoder": format!("{:?}", base_cfg.strategy),
-            "tuned": !a.no_tune,
+            "tuned": !a.no_tune, "detector": a.settings.detector, "detector_adapt_epochs": a.detector_adapt, "oracle_detector": a.oracle_detector,
         },
         "seconds": started.elapsed().as_secs_f64().round(),
     });

@@ -153,7 +153,7 @@ fn retrieval_on_test(dir: &Path, data: &Path, build: &BuildArgs, out: &mut dyn W
     writeln!(out, "indexed {} train examples ({} spans) in {:.0} s", train.len(), index.n_spans(), t.elapsed().as_secs_f64())?;
     let base = QueryConfig::default();
     let dev = load_examples(data, Some("dev"), "dev")?;
-    let dev_r = labeler::retrieve(&encoder, &index, &dev, &build_cfg, &base)?;
+    let dev_r = labeler::retrieve(&encoder, &index, &dev, &build_cfg, &base, None)?;
     let mut best = (f64::NEG_INFINITY, base);
     for &threshold in &THRESHOLDS {
         for &o_margin in &MARGINS {
@@ -167,7 +167,7 @@ fn retrieval_on_test(dir: &Path, data: &Path, build: &BuildArgs, out: &mut dyn W
     }
     let cfg = best.1;
     let test = load_examples(data, Some("test"), "test")?;
-    let test_r = labeler::retrieve(&encoder, &index, &test, &build_cfg, &cfg)?;
+    let test_r = labeler::retrieve(&encoder, &index, &test, &build_cfg, &cfg, None)?;
     let report = score(&index, &test, &test_r, &cfg)?;
     let r = percent(&report);
     writeln!(out, "retrieval on test (threshold {}, margin {} chosen on dev): {r}", cfg.threshold, cfg.o_margin)?;

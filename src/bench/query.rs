@@ -36,6 +36,7 @@ use serde_json::{json, Value};
 
 use super::encoder::{check_threads, command_line, cpu_model, peer_json, pin_candle_threads, ratio, resolve_script, round, CpuSample};
 use crate::cli::{ModelArg, QuerySettings};
+use crate::detector::SpanDetector;
 use crate::data::{Example, Format};
 use crate::decode::Strategy;
 use crate::encoder::Encoder;
@@ -123,7 +124,9 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
 
     let load = super::loadavg_1min();
     let cpu = CpuSample::now();
-    let (ours, predictions) = pool.install(|| measure_ours(&encoder, &index, &test.examples, &build, &cfg, a.single))?;
+    let detector = a.settings.load_detector(&encoder)?;
+    let ours = || measure_ours(&encoder, &index, &test.examples, &build, &cfg, detector.as_ref(), a.single);
+    let (ours, predictions) = pool.install(ours)?;
     let mut report = ours;
     report["loadavg_before"] = json!(load);
     report["other_processes_cores_busy"] = json!(cpu.and_then(|c| c.others_busy()));
@@ -195,22 +198,23 @@ fn measure_ours(
     examples: &[Example],
     build: &BuildConfig,
     cfg: &QueryConfig,
+    detector: Option<&SpanDetector>,
     single: usize,
 ) -> Result<(Value, Vec<Prediction>)> {
     // Warm-up: page in the weights and the index.
-    labeler::label_examples(encoder, index, &examples[..examples.len().min(8)], build, cfg)?;
+    labeler::label_examples(encoder, index, &examples[..examples.len().min(8)], build, cfg, detector)?;
     let mut latencies: Vec<f64> = examples
         .iter()
         .cycle()
         .take(single)
         .map(|ex| {
             let t = Instant::now();
-            labeler::label_examples(encoder, index, std::slice::from_ref(ex), build, cfg).map(|_| t.elapsed().as_secs_f64() * 1e3)
+            labeler::label_examples(encoder, index, std::slice::from_ref(ex), build, cfg, detector).map(|_| t.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_, _>>()?;
     latencies.sort_by(f64::total_cmp);
     let t = Instant::now();
-    let predictions = labeler::label_examples(encoder, index, examples, build, cfg)?;
+    let predictions = labeler::label_examples(encoder, index, examples, build, cfg, detector)?;
     let batch_s = t.elapsed().as_secs_f64();
     let report = json!({
         "impl": format!("nearspan ({} encoder products, {} graph, cpu)", encoder.precision().name(), index.params().graph_precision),

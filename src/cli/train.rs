@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -25,6 +26,9 @@ pub enum TrainCommand {
     /// Fine-tune the JointBERT-style baseline: intent on [CLS], BIO slots on each word's
     /// first sub-token.
     Baseline(BaselineArgs),
+    /// Fit a span detector (is this span a slot of any label?) on a model's frozen
+    /// vectors and write it into the model folder, where retrieval can use it.
+    Detector(DetectorArgs),
 }
 
 /// Settings of the training loop, shared by both models.
@@ -189,11 +193,123 @@ pub struct BaselineArgs {
     pub run: LoopArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct DetectorArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Training data (any supported format), e.g. ../shared/data/snips.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Which split of --data (default: train).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Leave out examples of these intents (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_intents: Vec<String>,
+    /// SNIPS few-shot fold N: leave out its target domain and its dev domain N+1.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=7))]
+    pub fold: Option<u32>,
+    /// Maximum span width in words (the width retrieval uses).
+    #[arg(long, default_value_t = crate::spans::DEFAULT_MAX_WIDTH, value_parser = clap::value_parser!(u32).range(1..=64).map(|v| v as usize))]
+    pub max_width: usize,
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Width of the detector's hidden layer (small: wider ones fit the source domains
+    /// better and carry to new ones worse, BENCHMARKS.md).
+    #[arg(long, default_value_t = 8)]
+    pub hidden: usize,
+    /// Utterances per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Start from this detector and go on fitting it on --data: adapts a detector fitted
+    /// on broad data to your own examples (e.g. `--epochs 20 --batch 4` on a few dozen).
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Also report how well it finds the slots (any label, strict boundaries) of these
+    /// intents' examples in --data, e.g. the dev domain (comma-separated; excluded from fitting).
+    #[arg(long, value_delimiter = ',')]
+    pub eval_intents: Vec<String>,
+    /// Where to write it (default: span_detector.json in the model folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
 pub(crate) fn run(cmd: TrainCommand, out: &mut dyn Write) -> Result<()> {
     match cmd {
         TrainCommand::Retriever(a) => retriever(a, out),
         TrainCommand::Baseline(a) => baseline(a, out),
+        TrainCommand::Detector(a) => detector(a, out),
     }
+}
+
+fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
+    use crate::detector::{FitConfig, SpanDetector, DETECTOR_FILE};
+    if a.epochs == 0 || a.hidden == 0 || a.batch == 0 || !(a.lr > 0.0 && a.lr.is_finite()) {
+        bail!("--epochs, --hidden and --batch must be at least 1 and --lr a positive number");
+    }
+    let encoder = a.model.load()?;
+    let mut left_out = a.exclude_intents.clone();
+    if let Some(fold) = a.fold {
+        let fold = fold as usize;
+        left_out.extend([DOMAINS[fold - 1].to_string(), DOMAINS[fold % 7].to_string()]);
+    }
+    let all = load_examples(&a.data, a.split.as_deref(), "train")?;
+    let held_out: Vec<Example> = all.iter().filter(|e| e.intent.as_ref().is_some_and(|i| a.eval_intents.contains(i))).cloned().collect();
+    left_out.extend(a.eval_intents.iter().cloned());
+    let examples = exclude(all, &left_out, &a.data)?;
+    let started = std::time::Instant::now();
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let encoded = encoder.encode(&texts, crate::encoder::DEFAULT_BATCH_SIZE)?;
+    let init = match &a.init {
+        Some(path) => Some(SpanDetector::load(path, encoder.info().hidden_size)?),
+        None => None,
+    };
+    // A detector to adapt keeps its own shape.
+    let (max_width, hidden) = init.as_ref().map_or((a.max_width, a.hidden), |d| (d.max_width, d.hidden));
+    let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed: a.seed, hidden, batch: a.batch };
+    let (det, report) = SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)?;
+    let path = a.out.unwrap_or_else(|| encoder.info().dir.join(DETECTOR_FILE));
+    det.save(&path)?;
+    let losses: Vec<String> = report.loss.iter().map(|l| format!("{l:.4}")).collect();
+    writeln!(
+        out,
+        "span detector: {} utterances, {} spans ({} slots); loss per epoch {}; {:.0} s; wrote {}",
+        report.utterances,
+        report.spans,
+        report.positives,
+        losses.join(" "),
+        started.elapsed().as_secs_f64(),
+        path.display()
+    )?;
+    if !held_out.is_empty() {
+        let texts: Vec<&str> = held_out.iter().map(|e| e.text.as_str()).collect();
+        let encoded = encoder.encode(&texts, crate::encoder::DEFAULT_BATCH_SIZE)?;
+        for min_logit in [-2.0f32, -1.0, 0.0, 1.0, 2.0] {
+            let (mut tp, mut n_pred, mut n_gold) = (0usize, 0usize, 0usize);
+            for (ex, enc) in held_out.iter().zip(&encoded) {
+                let found = det.detect(enc, &ex.words, max_width, min_logit);
+                let gold: Vec<_> = ex.spans.iter().map(|s| s.words()).collect();
+                tp += found.iter().filter(|s| gold.contains(s)).count();
+                n_pred += found.len();
+                n_gold += gold.len();
+            }
+            let counts = crate::eval::SpanCounts { tp, fp: n_pred - tp, fn_: n_gold - tp };
+            let sc = counts.scores();
+            writeln!(
+                out,
+                "held out ({} examples), logit > {min_logit}: P {:.3} R {:.3} F1 {:.3}",
+                held_out.len(),
+                sc.precision,
+                sc.recall,
+                sc.f1
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Draws a progress bar (on a terminal) and prints evaluations and checkpoints.

@@ -29,6 +29,7 @@ use clap::Args;
 use nearspan_index::SpanIndex;
 
 use crate::data::Example;
+use crate::detector::SpanDetector;
 use crate::encoder::Encoder;
 use crate::labeler::{self, BuildConfig, Prediction, QueryConfig};
 use batcher::{BatchConfig, Batcher, Process};
@@ -117,6 +118,8 @@ impl Limits {
 pub struct Options {
     pub limits: Limits,
     pub query: QueryConfig,
+    /// The span detector that joins slot decisions (`--detector`), if any.
+    pub detector: Option<Arc<SpanDetector>>,
     pub api_key: Option<String>,
     pub cors_origins: Vec<String>,
 }
@@ -166,7 +169,7 @@ impl State {
         let encoder = Arc::new(encoder);
         let index = Arc::new(RwLock::new(index));
         let metrics = Arc::new(Metrics::default());
-        let process = parse_process(encoder.clone(), index.clone(), build, options.query);
+        let process = parse_process(encoder.clone(), index.clone(), build, options.query, options.detector.clone());
         let batcher = Batcher::start(options.limits.batch_config(), process, metrics.clone())?;
         Ok(Arc::new(Self {
             encoder,
@@ -226,12 +229,21 @@ impl State {
 }
 
 /// The batcher's work: encode outside the index lock, retrieve and decide under it.
-fn parse_process(encoder: Arc<Encoder>, index: Arc<RwLock<SpanIndex>>, build: BuildConfig, cfg: QueryConfig) -> Process {
+fn parse_process(
+    encoder: Arc<Encoder>,
+    index: Arc<RwLock<SpanIndex>>,
+    build: BuildConfig,
+    cfg: QueryConfig,
+    detector: Option<Arc<SpanDetector>>,
+) -> Process {
     Arc::new(move |texts: &[&str]| -> Result<Vec<Prediction>, ServeError> {
         let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
         let encoded = encoder.encode(texts, cfg.batch_size).map_err(labeler::LabelerError::from)?;
         let index = read(&index);
-        let retrieved = labeler::retrieve_encoded(&index, &examples, &encoded, &build, &cfg);
+        let mut retrieved = labeler::retrieve_encoded(&index, &examples, &encoded, &build, &cfg);
+        if let Some(d) = &detector {
+            labeler::add_slotness(d, &examples, &encoded, &mut retrieved);
+        }
         Ok(examples.iter().zip(&retrieved).map(|(ex, r)| labeler::decide(&index, ex, r, &cfg)).collect())
     })
 }
@@ -286,7 +298,8 @@ pub fn run(a: ServeArgs, out: &mut dyn Write) -> Result<()> {
     // --ef, and with --prefilter the span halves built before the first request.
     a.settings.apply(&mut index);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    let options = Options { limits: a.limits, query, api_key: a.api_key, cors_origins: a.cors_origin };
+    let detector = a.settings.load_detector(&encoder)?.map(Arc::new);
+    let options = Options { limits: a.limits, query, detector, api_key: a.api_key, cors_origins: a.cors_origin };
     let result = rt.block_on(async {
         let shutdown = shutdown_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
         let state = State::new(encoder, index, &a.index, options)?;

@@ -359,3 +359,40 @@ fn error_messages_state_their_cause_once() {
         assert_eq!(err.matches(cause).count(), 1, "nearspan {args:?}: cause repeated: {err:?}");
     }
 }
+
+/// `train detector` fits a span detector on the smart-home examples, adapts it with
+/// `--init`, and `query` / `eval` use it; a damaged or foreign detector file is refused
+/// with its path named.
+#[test]
+fn train_detector_then_query_and_eval_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let index = build_index(d);
+    let det = d.join("det.json");
+    let printed = ok(d, &["train", "detector", "--data", s(&smarthome()), "--epochs", "3", "--out", s(&det)]);
+    assert!(printed.contains("span detector:") && printed.contains("det.json"), "{printed}");
+    let fitted = json(&std::fs::read_to_string(&det).unwrap());
+    assert_eq!(fitted["hidden"], 8, "the default width");
+    assert_eq!(fitted["w_width"].as_array().unwrap().len(), 8 * 10, "one row per width up to the default 10");
+
+    // Adapting keeps the shape and changes the weights.
+    let adapted = d.join("adapted.json");
+    ok(d, &["train", "detector", "--data", s(&smarthome()), "--init", s(&det), "--epochs", "2", "--batch", "4", "--hidden", "3", "--out", s(&adapted)]);
+    let a = json(&std::fs::read_to_string(&adapted).unwrap());
+    assert_eq!(a["hidden"], 8, "--init keeps the detector's own width");
+    assert_ne!(a["w_out"], fitted["w_out"]);
+
+    let out = ok(d, &["query", "--index", s(&index), "--detector", s(&adapted), "--json", "turn off the bedroom lamp"]);
+    assert_eq!(json(out.trim())["intent"]["label"], "turn_off", "{out}");
+    let report = json(&ok(d, &["eval", "--index", s(&index), "--data", s(&smarthome()), "--detector", s(&adapted), "--detector-weight", "0.2"]));
+    assert!(report["micro"]["f1"].as_f64().unwrap() > 0.9, "indexed data with the detector: {report}");
+
+    fails(d, &["query", "--index", s(&index), "--detector", s(&det), "--detector-weight", "3", "x"], &["--detector-weight 3"]);
+    let broken = d.join("broken.json");
+    std::fs::write(&broken, "{\"format\": \"nearspan-span-detector/1\", \"dim\": 384").unwrap();
+    fails(d, &["query", "--index", s(&index), "--detector", s(&broken), "x"], &["broken.json", "not a span detector"]);
+    let mut foreign = fitted.clone();
+    foreign["dim"] = 768.into();
+    std::fs::write(&broken, foreign.to_string()).unwrap();
+    fails(d, &["eval", "--index", s(&index), "--data", s(&smarthome()), "--detector", s(&broken)], &["broken.json", "768-dim", "384"]);
+}

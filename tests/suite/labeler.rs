@@ -412,7 +412,7 @@ fn prefilter_searches_only_the_nearest_examples_spans() {
     }
     let cfg = QueryConfig { prefilter: Some(3), explain: 10, ..QueryConfig::default() };
     let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
-    let retrieved = labeler::retrieve(encoder(), index, &examples, &BuildConfig::default(), &cfg).unwrap();
+    let retrieved = labeler::retrieve(encoder(), index, &examples, &BuildConfig::default(), &cfg, None).unwrap();
     let mut checked = 0;
     for (ex, r) in examples.iter().zip(&retrieved) {
         let nearest: Vec<&str> = r.utterances.iter().take(3).map(|&(id, _)| index.example(ExampleId(id)).text.as_str()).collect();

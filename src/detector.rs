@@ -1,0 +1,588 @@
+//! Span detector: how likely a candidate span is a slot of *any* label.
+//!
+//! Retrieval decides a span's label from its neighbours, but in a few-shot index the
+//! non-slot spans of the support set far outnumber the slot examples, and an unseen slot
+//! value is often nearer some non-slot piece than any slot (BENCHMARKS.md, "Where the
+//! errors are"). Whether a span *is* a slot (its boundaries, its place in the sentence)
+//! transfers across domains better than what label it has, so a logistic regression on
+//! the span's first and last sub-token vectors, fitted on the source domains with the
+//! encoder frozen, gives the decoder a second, label-free opinion.
+//!
+//! The score is linear in the two token vectors, so an utterance's spans cost two dot
+//! products per token, not per span.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::Example;
+use crate::encoder::EncodedText;
+use crate::spans::{candidate_spans, token_range, WordSpan};
+use crate::train::rng::Rng;
+
+/// File name of a detector inside a model folder.
+pub const DETECTOR_FILE: &str = "span_detector.json";
+
+const FORMAT: &str = "nearspan-span-detector/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error("{path}: cannot read the span detector: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: not a span detector: {source}")]
+    Parse { path: String, source: serde_json::Error },
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+    #[error("{path}: cannot write the span detector: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("no training example has a candidate span that is a slot (within width {max_width})")]
+    NoPositives { max_width: usize },
+}
+
+/// A small network on four token vectors of a span: the token before it, its first and
+/// last sub-tokens, and the token after it ([CLS] and [SEP] at the edges), each divided
+/// by a fixed scale `s` (the mean token-vector norm of the training data):
+///
+/// `logit = w_out · relu(Σ_b W_b h_b / s + w_width[width] + b_hidden) + b_out`.
+///
+/// The first layer is linear in each token vector, so an utterance's tokens are
+/// projected once and a span only adds four rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpanDetector {
+    format: String,
+    pub dim: usize,
+    pub hidden: usize,
+    pub max_width: usize,
+    pub scale: f32,
+    /// `ROLES × hidden` rows of `dim` (role-major): W_before, W_first, W_last, W_after.
+    pub w_tokens: Vec<f32>,
+    /// `max_width × hidden`: one row per span width (wider spans use the last).
+    pub w_width: Vec<f32>,
+    pub b_hidden: Vec<f32>,
+    pub w_out: Vec<f32>,
+    pub b_out: f32,
+}
+
+/// Token roles of a span: before, first, last, after.
+const ROLES: usize = 4;
+
+/// Fitting settings (Adam on the logistic loss).
+#[derive(Debug, Clone, Copy)]
+pub struct FitConfig {
+    pub max_width: usize,
+    pub hidden: usize,
+    pub epochs: usize,
+    pub lr: f32,
+    /// Utterances per step.
+    pub batch: usize,
+    pub seed: u64,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 128, epochs: 4, lr: 1e-3, batch: 32, seed: 7 }
+    }
+}
+
+/// What fitting saw and reached, for the training log.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitReport {
+    pub utterances: usize,
+    pub spans: usize,
+    pub positives: usize,
+    /// Mean logistic loss over the training spans, during each epoch.
+    pub loss: Vec<f64>,
+}
+
+/// One candidate span in token terms: the four token rows of its roles and its width.
+#[derive(Debug, Clone, Copy)]
+struct SpanTokens {
+    rows: [usize; ROLES],
+    width: usize,
+}
+
+fn span_tokens(word_tokens: &[std::ops::Range<usize>], n_tokens: usize, span: WordSpan) -> Option<SpanTokens> {
+    let tokens = token_range(word_tokens, span);
+    if tokens.is_empty() {
+        return None;
+    }
+    let before = tokens.start.saturating_sub(1);
+    let after = tokens.end.min(n_tokens - 1);
+    Some(SpanTokens { rows: [before, tokens.start, tokens.end - 1, after], width: span.width() })
+}
+
+impl SpanDetector {
+    fn n_tokens(&self, enc: &EncodedText) -> usize {
+        enc.hidden.len() / self.dim.max(1)
+    }
+
+    /// Projects every token of `enc` by every role: `(tokens × ROLES × hidden)`.
+    fn project(&self, enc: &EncodedText) -> Vec<f32> {
+        let inv = 1.0 / self.scale;
+        let rows = ROLES * self.hidden;
+        let mut out = vec![0f32; self.n_tokens(enc) * rows];
+        for (t, o) in out.chunks_exact_mut(rows).enumerate() {
+            let h = enc.token_vector(t);
+            for (r, x) in o.iter_mut().enumerate() {
+                *x = dot(&self.w_tokens[r * self.dim..(r + 1) * self.dim], h) * inv;
+            }
+        }
+        out
+    }
+
+    /// The hidden layer's input for one span (before the ReLU).
+    fn pre_activation(&self, proj: &[f32], st: &SpanTokens, out: &mut [f32]) {
+        let (hd, rows) = (self.hidden, ROLES * self.hidden);
+        let w = st.width.min(self.max_width) - 1;
+        out.copy_from_slice(&self.b_hidden);
+        axpy(1.0, &self.w_width[w * hd..(w + 1) * hd], out);
+        for (role, &t) in st.rows.iter().enumerate() {
+            axpy(1.0, &proj[t * rows + role * hd..t * rows + (role + 1) * hd], out);
+        }
+    }
+
+    fn output(&self, pre: &[f32]) -> f32 {
+        pre.iter().zip(&self.w_out).map(|(p, w)| p.max(0.0) * w).sum::<f32>() + self.b_out
+    }
+
+    /// The logit of each span of one encoded utterance (−∞ for a span without tokens).
+    pub fn logits(&self, enc: &EncodedText, words: &[crate::data::Word], spans: &[WordSpan]) -> Vec<f32> {
+        let word_tokens = enc.tokens.align_words(words);
+        let n_tokens = self.n_tokens(enc);
+        let proj = self.project(enc);
+        let mut pre = vec![0f32; self.hidden];
+        spans
+            .iter()
+            .map(|s| match span_tokens(&word_tokens, n_tokens, *s) {
+                None => f32::NEG_INFINITY,
+                Some(st) => {
+                    self.pre_activation(&proj, &st, &mut pre);
+                    self.output(&pre)
+                }
+            })
+            .collect()
+    }
+
+    /// The spans it would call slots on their own: candidates with a logit above
+    /// `min_logit`, taken best first, skipping overlaps; sorted by start.
+    pub fn detect(&self, enc: &EncodedText, words: &[crate::data::Word], max_width: usize, min_logit: f32) -> Vec<WordSpan> {
+        let spans = candidate_spans(words.len(), max_width);
+        let logits = self.logits(enc, words, &spans);
+        let mut order: Vec<usize> = (0..spans.len()).filter(|&i| logits[i] > min_logit).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let mut chosen: Vec<WordSpan> = Vec::new();
+        for i in order {
+            if chosen.iter().all(|c| !c.overlaps(&spans[i])) {
+                chosen.push(spans[i]);
+            }
+        }
+        chosen.sort();
+        chosen
+    }
+
+    /// Fits on `examples` (gold slots are the positives, every other candidate span of
+    /// at most `max_width` words a negative) with the encoder's vectors `encoded`.
+    pub fn fit(examples: &[Example], encoded: &[EncodedText], cfg: &FitConfig) -> Result<(SpanDetector, FitReport), DetectorError> {
+        Self::fit_from(None, examples, encoded, cfg)
+    }
+
+    /// [`SpanDetector::fit`], starting from `init` when given (its shape and scale kept).
+    pub fn fit_from(
+        init: Option<&SpanDetector>,
+        examples: &[Example],
+        encoded: &[EncodedText],
+        cfg: &FitConfig,
+    ) -> Result<(SpanDetector, FitReport), DetectorError> {
+        use rayon::prelude::*;
+        let dim = encoded.first().map_or(0, |e| e.dim);
+        // Per utterance: its spans in token terms and which are slots.
+        let mut data: Vec<Vec<(SpanTokens, bool)>> = Vec::with_capacity(examples.len());
+        let (mut norm_sum, mut norm_n) = (0f64, 0usize);
+        for (ex, enc) in examples.iter().zip(encoded) {
+            let word_tokens = enc.tokens.align_words(&ex.words);
+            let n_tokens = enc.hidden.len() / dim.max(1);
+            let gold: Vec<WordSpan> = ex.spans.iter().map(|s| s.words()).collect();
+            let spans = candidate_spans(ex.words.len(), cfg.max_width);
+            data.push(spans.iter().filter_map(|&s| Some((span_tokens(&word_tokens, n_tokens, s)?, gold.contains(&s)))).collect());
+            for t in 0..n_tokens {
+                norm_sum += dot(enc.token_vector(t), enc.token_vector(t)).sqrt() as f64;
+                norm_n += 1;
+            }
+        }
+        let n_spans: usize = data.iter().map(Vec::len).sum();
+        let positives = data.iter().flatten().filter(|(_, slot)| *slot).count();
+        if positives == 0 {
+            return Err(DetectorError::NoPositives { max_width: cfg.max_width });
+        }
+        let hd = cfg.hidden;
+        let mut rng = Rng::new(cfg.seed);
+        let mut normal = |std: f32| {
+            // Sum of 4 uniforms: close enough to a normal for initialisation.
+            let u: f32 = (0..4).map(|_| rng.unit() - 0.5).sum();
+            u * std * 3f32.sqrt()
+        };
+        let rate = positives as f32 / n_spans as f32;
+        let fresh = SpanDetector {
+            format: FORMAT.into(),
+            dim,
+            hidden: hd,
+            max_width: cfg.max_width,
+            scale: if norm_n > 0 && norm_sum > 0.0 { (norm_sum / norm_n as f64) as f32 } else { 1.0 },
+            w_tokens: (0..ROLES * hd * dim).map(|_| normal((1.0 / ROLES as f32).sqrt())).collect(),
+            w_width: vec![0.0; cfg.max_width * hd],
+            b_hidden: vec![0.0; hd],
+            w_out: (0..hd).map(|_| normal(1.0 / (hd as f32).sqrt())).collect(),
+            // Start at the base rate, so the first steps learn features rather than the prior.
+            b_out: (rate / (1.0 - rate)).ln(),
+        };
+        let mut det = init.cloned().unwrap_or(fresh);
+        let mut adam = Adam::new(det.n_params(), cfg.lr);
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        let mut losses = Vec::with_capacity(cfg.epochs);
+        for _ in 0..cfg.epochs {
+            rng.shuffle(&mut order);
+            let mut loss_sum = 0f64;
+            for batch in order.chunks(cfg.batch.max(1)) {
+                let det_ref = &det;
+                let (grad, loss, count) = batch
+                    .par_iter()
+                    .fold(
+                        || (vec![0f32; det_ref.n_params()], 0f64, 0usize),
+                        |(mut g, loss, count), &u| {
+                            let l = det_ref.accumulate_gradient(&encoded[u], &data[u], &mut g);
+                            (g, loss + l, count + data[u].len())
+                        },
+                    )
+                    .reduce(
+                        || (vec![0f32; det_ref.n_params()], 0f64, 0usize),
+                        |(mut a, la, ca), (b, lb, cb)| {
+                            axpy(1.0, &b, &mut a);
+                            (a, la + lb, ca + cb)
+                        },
+                    );
+                loss_sum += loss;
+                if count > 0 {
+                    adam.step(&mut det, &grad, 1.0 / count as f32);
+                }
+            }
+            losses.push(loss_sum / n_spans as f64);
+        }
+        let report = FitReport { utterances: examples.len(), spans: n_spans, positives, loss: losses };
+        Ok((det, report))
+    }
+
+    fn n_params(&self) -> usize {
+        self.w_tokens.len() + self.w_width.len() + self.b_hidden.len() + self.w_out.len() + 1
+    }
+
+    /// Adds one utterance's summed loss gradient to `grad` (laid out as the parameters:
+    /// w_tokens, w_width, b_hidden, w_out, b_out); returns its summed loss.
+    fn accumulate_gradient(&self, enc: &EncodedText, spans: &[(SpanTokens, bool)], grad: &mut [f32]) -> f64 {
+        let (hd, rows, dim) = (self.hidden, ROLES * self.hidden, self.dim);
+        let n_tokens = self.n_tokens(enc);
+        let proj = self.project(enc);
+        let (g_tokens, rest) = grad.split_at_mut(self.w_tokens.len());
+        let (g_width, rest) = rest.split_at_mut(self.w_width.len());
+        let (g_bias, rest) = rest.split_at_mut(hd);
+        let (g_out, g_b_out) = rest.split_at_mut(hd);
+        let mut d_proj = vec![0f32; n_tokens * rows];
+        let (mut pre, mut d_pre) = (vec![0f32; hd], vec![0f32; hd]);
+        let mut loss = 0f64;
+        for (st, slot) in spans {
+            self.pre_activation(&proj, st, &mut pre);
+            let z = self.output(&pre);
+            let y = if *slot { 1.0 } else { 0.0 };
+            loss += logistic_loss(z, y) as f64;
+            let dz = sigmoid(z) - y;
+            g_b_out[0] += dz;
+            for j in 0..hd {
+                let a = pre[j].max(0.0);
+                g_out[j] += dz * a;
+                d_pre[j] = if pre[j] > 0.0 { dz * self.w_out[j] } else { 0.0 };
+            }
+            let w = st.width.min(self.max_width) - 1;
+            axpy(1.0, &d_pre, &mut g_width[w * hd..(w + 1) * hd]);
+            axpy(1.0, &d_pre, g_bias);
+            for (role, &t) in st.rows.iter().enumerate() {
+                axpy(1.0, &d_pre, &mut d_proj[t * rows + role * hd..t * rows + (role + 1) * hd]);
+            }
+        }
+        // proj[t][r] = W[r] · h_t / s, so dW[r] += d_proj[t][r] · h_t / s.
+        let inv = 1.0 / self.scale;
+        for t in 0..n_tokens {
+            let h = enc.token_vector(t);
+            for r in 0..rows {
+                let d = d_proj[t * rows + r];
+                if d != 0.0 {
+                    axpy(d * inv, h, &mut g_tokens[r * dim..(r + 1) * dim]);
+                }
+            }
+        }
+        loss
+    }
+
+    /// Reads a detector written by [`SpanDetector::save`], checking it fits `hidden` dims.
+    pub fn load(path: &Path, dim: usize) -> Result<SpanDetector, DetectorError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| DetectorError::Read { path: shown.clone(), source })?;
+        let det: SpanDetector = serde_json::from_str(&text).map_err(|source| DetectorError::Parse { path: shown.clone(), source })?;
+        let invalid = |reason: String| DetectorError::Invalid { path: shown.clone(), reason };
+        if det.format != FORMAT {
+            return Err(invalid(format!("format {:?}, expected {FORMAT:?}", det.format)));
+        }
+        if det.dim != dim {
+            return Err(invalid(format!("made for {}-dim token vectors, but the encoder gives {dim}", det.dim)));
+        }
+        let (hd, mw) = (det.hidden, det.max_width);
+        let sizes = [
+            ("w_tokens", det.w_tokens.len(), ROLES * hd * dim),
+            ("w_width", det.w_width.len(), mw * hd),
+            ("b_hidden", det.b_hidden.len(), hd),
+            ("w_out", det.w_out.len(), hd),
+        ];
+        for (field, got, want) in sizes {
+            if got != want {
+                return Err(invalid(format!("field {field}: {got} numbers, expected {want}")));
+            }
+        }
+        let scale_ok = det.scale > 0.0; // false for NaN
+        if hd == 0 || mw == 0 || !scale_ok {
+            return Err(invalid("hidden, max_width and scale must be positive".into()));
+        }
+        let params = det.w_tokens.iter().chain(&det.w_width).chain(&det.b_hidden).chain(&det.w_out);
+        if !params.chain([&det.b_out, &det.scale]).all(|x| x.is_finite()) {
+            return Err(invalid("a weight is not a finite number".into()));
+        }
+        Ok(det)
+    }
+
+    /// Writes the detector as JSON through a temporary file and a rename.
+    pub fn save(&self, path: &Path) -> Result<(), DetectorError> {
+        let shown = path.display().to_string();
+        let json = serde_json::to_string(self).map_err(|source| DetectorError::Parse { path: shown.clone(), source })?;
+        crate::train::checkpoint::write_file_atomic(path, json.as_bytes())
+            .map_err(|e| DetectorError::Write { path: shown, source: std::io::Error::other(e.to_string()) })
+    }
+}
+
+/// Adam over the detector's parameters, in the order of the gradient buffer.
+struct Adam {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    step: i32,
+    lr: f32,
+}
+
+impl Adam {
+    fn new(n: usize, lr: f32) -> Self {
+        Self { m: vec![0.0; n], v: vec![0.0; n], step: 0, lr }
+    }
+
+    /// One step with gradient `grad × grad_scale`.
+    fn step(&mut self, det: &mut SpanDetector, grad: &[f32], grad_scale: f32) {
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        self.step += 1;
+        let (c1, c2) = (1.0 - b1.powi(self.step), 1.0 - b2.powi(self.step));
+        let params = det
+            .w_tokens
+            .iter_mut()
+            .chain(det.w_width.iter_mut())
+            .chain(det.b_hidden.iter_mut())
+            .chain(det.w_out.iter_mut())
+            .chain(std::iter::once(&mut det.b_out));
+        for (((p, g), m), v) in params.zip(grad).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+            let g = g * grad_scale;
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= self.lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+        }
+    }
+}
+
+/// Dot product with eight running sums, so the compiler can vectorize it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+}
+
+pub fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// −log σ(z) for y = 1, −log(1 − σ(z)) for y = 0, computed without overflow.
+fn logistic_loss(z: f32, y: f32) -> f32 {
+    let softplus = |x: f32| if x > 20.0 { x } else { x.exp().ln_1p() };
+    if y > 0.5 { softplus(-z) } else { softplus(z) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::LabeledSpan;
+    use crate::encoder::TokenizedText;
+
+    /// An utterance of one-letter words, one token per word, with given token vectors
+    /// (the [CLS] and [SEP] rows first and last) and slots (word ranges).
+    fn utterance(rows: &[Vec<f32>], slots: &[(usize, usize)]) -> (Example, EncodedText) {
+        let n_words = rows.len() - 2;
+        let text: String = (0..n_words).map(|_| "w").collect::<Vec<_>>().join(" ");
+        let mut ex = Example::from_text(&text, None);
+        ex.spans = slots
+            .iter()
+            .map(|&(s, e)| LabeledSpan { label: "x".into(), word_start: s, word_end: e, start: 2 * s, end: 2 * e - 1 })
+            .collect();
+        let mut offsets = vec![(0, 0)];
+        offsets.extend((0..n_words).map(|i| (2 * i, 2 * i + 1)));
+        offsets.push((0, 0));
+        let tokens = TokenizedText { ids: vec![0; rows.len()], tokens: vec![String::new(); rows.len()], offsets };
+        let dim = rows[0].len();
+        (ex, EncodedText { tokens, hidden: rows.concat(), dim })
+    }
+
+    fn random_detector(dim: usize, hidden: usize, max_width: usize, seed: u64) -> SpanDetector {
+        let mut rng = Rng::new(seed);
+        let mut r = |n: usize| (0..n).map(|_| rng.unit() - 0.5).collect::<Vec<f32>>();
+        SpanDetector {
+            format: FORMAT.into(),
+            dim,
+            hidden,
+            max_width,
+            scale: 1.3,
+            w_tokens: r(ROLES * hidden * dim),
+            w_width: r(max_width * hidden),
+            b_hidden: r(hidden),
+            w_out: r(hidden),
+            b_out: 0.2,
+        }
+    }
+
+    /// The hand-written backward pass agrees with finite differences of the loss, for
+    /// every parameter.
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let mut rng = Rng::new(3);
+        let rows: Vec<Vec<f32>> = (0..6).map(|_| (0..4).map(|_| rng.unit() * 2.0 - 1.0).collect()).collect();
+        let (ex, enc) = utterance(&rows, &[(1, 3)]);
+        let word_tokens = enc.tokens.align_words(&ex.words);
+        let spans: Vec<(SpanTokens, bool)> = candidate_spans(4, 3)
+            .into_iter()
+            .map(|s| (span_tokens(&word_tokens, 6, s).unwrap(), s == WordSpan { start: 1, end: 3 }))
+            .collect();
+        let det = random_detector(4, 3, 3, 11);
+        let mut grad = vec![0f32; det.n_params()];
+        det.accumulate_gradient(&enc, &spans, &mut grad);
+        let loss = |d: &SpanDetector| d.accumulate_gradient(&enc, &spans, &mut vec![0f32; d.n_params()]);
+        let h = 1e-2f32;
+        for j in 0..det.n_params() {
+            let mut plus = det.clone();
+            let mut minus = det.clone();
+            nudge(&mut plus, j, h);
+            nudge(&mut minus, j, -h);
+            let numeric = (loss(&plus) - loss(&minus)) / (2.0 * h as f64);
+            let analytic = grad[j] as f64;
+            assert!((numeric - analytic).abs() < 2e-3 + 1e-2 * analytic.abs(), "parameter {j}: numeric {numeric}, analytic {analytic}");
+        }
+    }
+
+    fn nudge(d: &mut SpanDetector, j: usize, by: f32) {
+        let params = d
+            .w_tokens
+            .iter_mut()
+            .chain(d.w_width.iter_mut())
+            .chain(d.b_hidden.iter_mut())
+            .chain(d.w_out.iter_mut())
+            .chain(std::iter::once(&mut d.b_out));
+        *params.into_iter().nth(j).unwrap() += by;
+    }
+
+    /// Slots are the words whose token has a high first coordinate (two-word slots where
+    /// two such words follow each other); after fitting, `detect` finds exactly those in
+    /// utterances it never saw.
+    #[test]
+    fn fitting_learns_a_rule_that_carries_to_new_utterances() {
+        let mut rng = Rng::new(5);
+        let mut make = |n: usize| {
+            let mut all = Vec::new();
+            for _ in 0..n {
+                let marked: Vec<bool> = (0..6).map(|_| rng.below(4) == 0).collect();
+                let mut rows = vec![vec![0.0, 0.0, 1.0]];
+                rows.extend(marked.iter().map(|&m| vec![if m { 1.0 } else { -1.0 }, rng.unit() - 0.5, 0.0]));
+                rows.push(vec![0.0, 0.0, -1.0]);
+                // Maximal runs of marked words are the slots.
+                let mut slots = Vec::new();
+                let mut i = 0;
+                while i < 6 {
+                    if marked[i] {
+                        let s = i;
+                        while i < 6 && marked[i] {
+                            i += 1;
+                        }
+                        slots.push((s, i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                all.push(utterance(&rows, &slots));
+            }
+            all
+        };
+        let (train, test) = (make(300), make(50));
+        let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
+        let cfg = FitConfig { max_width: 6, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1 };
+        let (det, report) = SpanDetector::fit(&ex, &enc, &cfg).unwrap();
+        assert!(report.loss.last().unwrap() < &(report.loss[0] / 4.0), "{:?}", report.loss);
+        let mut wrong = 0;
+        for (ex, enc) in &test {
+            let gold: Vec<WordSpan> = ex.spans.iter().map(|s| s.words()).collect();
+            wrong += usize::from(det.detect(enc, &ex.words, 6, 0.0) != gold);
+        }
+        assert!(wrong <= 2, "{wrong} of 50 utterances detected wrongly");
+    }
+
+    #[test]
+    fn fitting_without_any_slot_is_an_error() {
+        let (ex, enc) = utterance(&[vec![0.0, 1.0], vec![1.0, 0.0], vec![0.0, -1.0]], &[]);
+        let err = SpanDetector::fit(&[ex], &[enc], &FitConfig::default()).unwrap_err();
+        assert!(matches!(err, DetectorError::NoPositives { .. }), "{err}");
+    }
+
+    #[test]
+    fn save_and_load_round_trip_and_bad_files_name_the_problem() {
+        let dir = std::env::temp_dir().join(format!("nearspan-detector-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(DETECTOR_FILE);
+        let det = random_detector(4, 3, 2, 9);
+        det.save(&path).unwrap();
+        assert_eq!(SpanDetector::load(&path, 4).unwrap(), det);
+        let err = SpanDetector::load(&path, 5).unwrap_err().to_string();
+        assert!(err.contains(DETECTOR_FILE) && err.contains("4-dim") && err.contains("5"), "{err}");
+
+        let mut short = det.clone();
+        short.w_out.pop();
+        short.save(&path).unwrap();
+        let err = SpanDetector::load(&path, 4).unwrap_err().to_string();
+        assert!(err.contains("w_out"), "{err}");
+
+        let mut nan = det.clone();
+        nan.b_hidden[1] = f32::NAN;
+        // serde_json writes NaN as null, which is no number.
+        nan.save(&path).unwrap();
+        assert!(SpanDetector::load(&path, 4).is_err());
+
+        std::fs::write(&path, "{\"format\": \"something else\"}").unwrap();
+        let err = SpanDetector::load(&path, 4).unwrap_err().to_string();
+        assert!(err.contains("not a span detector"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
