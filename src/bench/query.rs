@@ -174,7 +174,8 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
     report["settings"] = json!({
         "k": cfg.k, "threshold": cfg.threshold, "o_margin": cfg.o_margin, "decoder": cfg.strategy,
         "intent_k": cfg.intent_k, "intent_aggregation": cfg.intent_aggregation, "oos_threshold": cfg.oos_threshold,
-        "explain": cfg.explain, "batch_size": cfg.batch_size, "prefilter": cfg.prefilter
+        "explain": cfg.explain, "batch_size": cfg.batch_size, "prefilter": cfg.prefilter,
+        "detector": a.settings.detector, "detector_weight": cfg.detector_weight
     });
     report["threads"] = json!(a.threads);
     report["thread_check"] = thread_check;
