@@ -439,3 +439,24 @@ fn sigterm_finishes_in_flight_requests_and_saves() {
     assert!(rest.contains("stopped;") && rest.contains("79 examples"), "{rest:?}");
     assert!(example_texts(&index).contains(&"make the hallway light sky blue".to_string()));
 }
+
+/// `serve --detector` puts the detector into every parse: one that calls no span a slot
+/// (a bias of −50), weighted 2, removes all slots the same server finds without it.
+#[test]
+fn serve_uses_the_span_detector() {
+    let (dir, index) = fresh_index();
+    let det = dir.path().join("never.json");
+    let detector = serde_json::json!({
+        "format": "nearspan-span-detector/1", "dim": 384, "hidden": 1, "max_width": 10, "scale": 1.0,
+        "w_tokens": vec![0.0; 4 * 384], "w_width": vec![0.0; 10], "b_hidden": [0.0], "w_out": [0.0], "b_out": -50.0
+    });
+    std::fs::write(&det, detector.to_string()).unwrap();
+    let text = "turn on the kitchen lights";
+    let plain = Server::start(&index, &[]);
+    assert!(!slots(&parse(&plain, &[text])[0]).is_empty(), "without a detector the example labels itself");
+    drop(plain);
+    let with = Server::start(&index, &["--detector", det.to_str().unwrap(), "--detector-weight", "2"]);
+    let p = &parse(&with, &[text])[0];
+    assert!(slots(p).is_empty(), "{p}");
+    assert_eq!(p["intent"]["label"], "turn_on", "the intent does not depend on the detector: {p}");
+}
