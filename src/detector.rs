@@ -271,12 +271,22 @@ impl SpanDetector {
         Ok((det, report))
     }
 
+    /// Every parameter, in the order of the gradient buffer.
+    fn params_mut(&mut self) -> impl Iterator<Item = &mut f32> {
+        self.w_tokens
+            .iter_mut()
+            .chain(self.w_width.iter_mut())
+            .chain(self.b_hidden.iter_mut())
+            .chain(self.w_out.iter_mut())
+            .chain(std::iter::once(&mut self.b_out))
+    }
+
     fn n_params(&self) -> usize {
         self.w_tokens.len() + self.w_width.len() + self.b_hidden.len() + self.w_out.len() + 1
     }
 
-    /// Adds one utterance's summed loss gradient to `grad` (laid out as the parameters:
-    /// w_tokens, w_width, b_hidden, w_out, b_out); returns its summed loss.
+    /// Adds one utterance's summed loss gradient to `grad` (laid out as
+    /// [`SpanDetector::params_mut`]); returns its summed loss.
     fn accumulate_gradient(&self, enc: &EncodedText, spans: &[(SpanTokens, bool)], grad: &mut [f32]) -> f64 {
         let (hd, rows, dim) = (self.hidden, ROLES * self.hidden, self.dim);
         let n_tokens = self.n_tokens(enc);
@@ -383,14 +393,7 @@ impl Adam {
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
         self.step += 1;
         let (c1, c2) = (1.0 - b1.powi(self.step), 1.0 - b2.powi(self.step));
-        let params = det
-            .w_tokens
-            .iter_mut()
-            .chain(det.w_width.iter_mut())
-            .chain(det.b_hidden.iter_mut())
-            .chain(det.w_out.iter_mut())
-            .chain(std::iter::once(&mut det.b_out));
-        for (((p, g), m), v) in params.zip(grad).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+        for (((p, g), m), v) in det.params_mut().zip(grad).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
             let g = g * grad_scale;
             *m = b1 * *m + (1.0 - b1) * g;
             *v = b2 * *v + (1.0 - b2) * g * g;
@@ -496,14 +499,7 @@ mod tests {
     }
 
     fn nudge(d: &mut SpanDetector, j: usize, by: f32) {
-        let params = d
-            .w_tokens
-            .iter_mut()
-            .chain(d.w_width.iter_mut())
-            .chain(d.b_hidden.iter_mut())
-            .chain(d.w_out.iter_mut())
-            .chain(std::iter::once(&mut d.b_out));
-        *params.into_iter().nth(j).unwrap() += by;
+        *d.params_mut().nth(j).unwrap() += by;
     }
 
     /// Slots are the words whose token has a high first coordinate (two-word slots where

@@ -125,10 +125,9 @@ impl LoopArgs {
     }
 }
 
+/// Which labeled examples a model is fitted on.
 #[derive(Debug, Args)]
-pub struct RetrieverArgs {
-    #[command(flatten)]
-    pub model: ModelArg,
+pub struct SourceData {
     /// Training data (any supported format), e.g. ../shared/data/snips.
     #[arg(long)]
     pub data: PathBuf,
@@ -138,6 +137,25 @@ pub struct RetrieverArgs {
     /// Leave out examples of these intents (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub exclude_intents: Vec<String>,
+}
+
+impl SourceData {
+    /// The examples of --split (default train), without the intents in --exclude-intents
+    /// and `more_left_out`; also returns every intent left out.
+    fn load(&self, more_left_out: &[String]) -> Result<(Vec<Example>, Vec<String>)> {
+        let mut left_out = self.exclude_intents.clone();
+        left_out.extend(more_left_out.iter().cloned());
+        let examples = load_examples(&self.data, self.split.as_deref(), "train")?;
+        Ok((exclude(examples, &left_out, &self.data)?, left_out))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RetrieverArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[command(flatten)]
+    pub source: SourceData,
     /// SNIPS few-shot protocol (Hou et al. 2020): fold N's target domain and its dev
     /// domain N+1 are left out of training, and dev episodes of domain N+1 decide early
     /// stopping. Needs --episodes.
@@ -197,15 +215,8 @@ pub struct BaselineArgs {
 pub struct DetectorArgs {
     #[command(flatten)]
     pub model: ModelArg,
-    /// Training data (any supported format), e.g. ../shared/data/snips.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Which split of --data (default: train).
-    #[arg(long)]
-    pub split: Option<String>,
-    /// Leave out examples of these intents (comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    pub exclude_intents: Vec<String>,
+    #[command(flatten)]
+    pub source: SourceData,
     /// SNIPS few-shot fold N: leave out its target domain and its dev domain N+1.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=7))]
     pub fold: Option<u32>,
@@ -252,15 +263,16 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
         bail!("--epochs, --hidden and --batch must be at least 1 and --lr a positive number");
     }
     let encoder = a.model.load()?;
-    let mut left_out = a.exclude_intents.clone();
-    if let Some(fold) = a.fold {
-        let fold = fold as usize;
-        left_out.extend([DOMAINS[fold - 1].to_string(), DOMAINS[fold % 7].to_string()]);
-    }
-    let all = load_examples(&a.data, a.split.as_deref(), "train")?;
-    let held_out: Vec<Example> = all.iter().filter(|e| e.intent.as_ref().is_some_and(|i| a.eval_intents.contains(i))).cloned().collect();
-    left_out.extend(a.eval_intents.iter().cloned());
-    let examples = exclude(all, &left_out, &a.data)?;
+    let mut more_left_out = a.fold.map(fold_domains).unwrap_or_default();
+    more_left_out.extend(a.eval_intents.iter().cloned());
+    let (examples, _) = a.source.load(&more_left_out)?;
+    let held_out: Vec<Example> = match a.eval_intents.is_empty() {
+        true => Vec::new(),
+        false => load_examples(&a.source.data, a.source.split.as_deref(), "train")?
+            .into_iter()
+            .filter(|e| e.intent.as_ref().is_some_and(|i| a.eval_intents.contains(i)))
+            .collect(),
+    };
     let started = std::time::Instant::now();
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let encoded = encoder.encode(&texts, crate::encoder::DEFAULT_BATCH_SIZE)?;
@@ -376,6 +388,13 @@ impl Observer for Progress<'_> {
 }
 
 /// Drops examples of the given intents; fails if an intent named matches nothing.
+/// The intents a SNIPS few-shot fold leaves out of training: its target domain and the
+/// dev domain after it.
+fn fold_domains(fold: u32) -> Vec<String> {
+    let fold = fold as usize;
+    vec![DOMAINS[fold - 1].to_string(), DOMAINS[fold % 7].to_string()]
+}
+
 fn exclude(examples: Vec<Example>, intents: &[String], source: &Path) -> Result<Vec<Example>> {
     for i in intents {
         if !examples.iter().any(|e| e.intent.as_deref() == Some(i)) {
@@ -420,17 +439,14 @@ fn retriever(a: RetrieverArgs, out: &mut dyn Write) -> Result<()> {
     a.run.check_out()?;
     let config = a.run.config()?;
     let base_dir = a.model.dir()?;
-    let mut examples = load_examples(&a.data, a.split.as_deref(), "train")?;
-    let mut left_out = a.exclude_intents.clone();
     let mut dev = Vec::new();
+    let mut fold_left_out = Vec::new();
     if let (Some(fold), Some(episodes)) = (a.fold, &a.episodes) {
-        let fold = fold as usize;
-        let dev_fold = fold % 7 + 1;
-        left_out.extend([DOMAINS[fold - 1].to_string(), DOMAINS[dev_fold - 1].to_string()]);
-        dev = load_domain(episodes, a.shots, dev_fold)?;
+        fold_left_out = fold_domains(fold);
+        dev = load_domain(episodes, a.shots, fold as usize % 7 + 1)?;
         dev.truncate(a.dev_episodes);
     }
-    examples = exclude(examples, &left_out, &a.data)?;
+    let (examples, left_out) = a.source.load(&fold_left_out)?;
     if a.per_label < 2 {
         bail!("--per-label must be at least 2 (a label needs a partner in its batch)");
     }
@@ -480,7 +496,7 @@ fn retriever(a: RetrieverArgs, out: &mut dyn Write) -> Result<()> {
     )?;
     progress.bar.finish_and_clear();
     let settings = serde_json::json!({
-        "model": "retriever", "base_model": base_dir, "data": a.data, "left_out_intents": left_out,
+        "model": "retriever", "base_model": base_dir, "data": a.source.data, "left_out_intents": left_out,
         "fold": a.fold, "dev": if dev.is_empty() { None } else { Some(format!("{}-shot episodes of {}, first {}", a.shots, DOMAINS[a.fold.unwrap_or(1) as usize % 7], dev.len())) },
         "pooling": SpanPooling::name(a.build.pooling),
     });
