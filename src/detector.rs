@@ -20,9 +20,6 @@ use crate::encoder::EncodedText;
 use crate::spans::{candidate_spans, token_range, WordSpan};
 use crate::train::rng::Rng;
 
-/// File name of a detector inside a model folder.
-pub const DETECTOR_FILE: &str = "span_detector.json";
-
 const FORMAT: &str = "nearspan-span-detector/1";
 
 #[derive(Debug, thiserror::Error)]
@@ -557,12 +554,12 @@ mod tests {
     fn save_and_load_round_trip_and_bad_files_name_the_problem() {
         let dir = std::env::temp_dir().join(format!("nearspan-detector-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(DETECTOR_FILE);
+        let path = dir.join("span_detector.json");
         let det = random_detector(4, 3, 2, 9);
         det.save(&path).unwrap();
         assert_eq!(SpanDetector::load(&path, 4).unwrap(), det);
         let err = SpanDetector::load(&path, 5).unwrap_err().to_string();
-        assert!(err.contains(DETECTOR_FILE) && err.contains("4-dim") && err.contains("5"), "{err}");
+        assert!(err.contains("span_detector.json") && err.contains("4-dim") && err.contains("5"), "{err}");
 
         let mut short = det.clone();
         short.w_out.pop();

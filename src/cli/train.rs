@@ -244,9 +244,9 @@ pub struct DetectorArgs {
     /// intents' examples in --data, e.g. the dev domain (comma-separated; excluded from fitting).
     #[arg(long, value_delimiter = ',')]
     pub eval_intents: Vec<String>,
-    /// Where to write it (default: span_detector.json in the model folder).
+    /// Where to write it (JSON), e.g. span_detector.json beside the model's weights.
     #[arg(long)]
-    pub out: Option<PathBuf>,
+    pub out: PathBuf,
 }
 
 pub(crate) fn run(cmd: TrainCommand, out: &mut dyn Write) -> Result<()> {
@@ -258,7 +258,7 @@ pub(crate) fn run(cmd: TrainCommand, out: &mut dyn Write) -> Result<()> {
 }
 
 fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
-    use crate::detector::{FitConfig, SpanDetector, DETECTOR_FILE};
+    use crate::detector::{FitConfig, SpanDetector};
     if a.epochs == 0 || a.hidden == 0 || a.batch == 0 || !(a.lr > 0.0 && a.lr.is_finite()) {
         bail!("--epochs, --hidden and --batch must be at least 1 and --lr a positive number");
     }
@@ -284,7 +284,7 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
     let (max_width, hidden) = init.as_ref().map_or((a.max_width, a.hidden), |d| (d.max_width, d.hidden));
     let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed: a.seed, hidden, batch: a.batch };
     let (det, report) = SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)?;
-    let path = a.out.unwrap_or_else(|| encoder.info().dir.join(DETECTOR_FILE));
+    let path = a.out;
     det.save(&path)?;
     let losses: Vec<String> = report.loss.iter().map(|l| format!("{l:.4}")).collect();
     writeln!(
