@@ -324,6 +324,7 @@ fn help_exits_zero_for_every_command() {
         &["bench", "fewshot"],
         &["bench", "encoder"],
         &["bench", "train-step"],
+        &["train", "detector"],
     ];
     for cmd in commands {
         let mut args = cmd.to_vec();
@@ -334,6 +335,7 @@ fn help_exits_zero_for_every_command() {
     // A subcommand's help describes its own options.
     assert!(ok(d.path(), &["index", "build", "--help"]).contains("--max-width"));
     assert!(ok(d.path(), &["query", "--help"]).contains("--decoder"));
+    assert!(ok(d.path(), &["query", "--help"]).contains("--detector-weight"));
 }
 
 /// Regression: library errors that quote their source were printed with the source
