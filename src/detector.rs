@@ -4,12 +4,14 @@
 //! non-slot spans of the support set far outnumber the slot examples, and an unseen slot
 //! value is often nearer some non-slot piece than any slot (BENCHMARKS.md, "Where the
 //! errors are"). Whether a span *is* a slot (its boundaries, its place in the sentence)
-//! transfers across domains better than what label it has, so a logistic regression on
-//! the span's first and last sub-token vectors, fitted on the source domains with the
-//! encoder frozen, gives the decoder a second, label-free opinion.
+//! transfers across domains better than what label it has, so a small network on the
+//! vectors around the span's edges, fitted with the encoder frozen, gives the decoder a
+//! second, label-free opinion. It is small on purpose: wider ones fit the source domains
+//! better and carry to a new domain worse (BENCHMARKS.md, "A span detector beside
+//! retrieval").
 //!
-//! The score is linear in the two token vectors, so an utterance's spans cost two dot
-//! products per token, not per span.
+//! The first layer is linear in each token vector, so an utterance's tokens are projected
+//! once and a span only adds a few rows: the cost is per token, not per span.
 
 use std::path::Path;
 
