@@ -327,8 +327,8 @@ pub struct Retrieved {
 }
 
 /// Retrieves neighbours for every candidate span of every example (one encoder pass
-/// per batch, one batched index search per batch).
-/// With a `detector`, every span also gets its [`SpanEvidence::slotness`].
+/// per batch, one batched index search per batch). With a `detector`, every span also
+/// gets its [`SpanEvidence::slotness`].
 pub fn retrieve(
     encoder: &Encoder,
     index: &SpanIndex,
@@ -339,21 +339,18 @@ pub fn retrieve(
 ) -> Result<Vec<Retrieved>, LabelerError> {
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let encoded = encoder.encode(&texts, cfg.batch_size)?;
-    let mut retrieved = retrieve_encoded(index, examples, &encoded, build, cfg);
-    if let Some(d) = detector {
-        add_slotness(d, examples, &encoded, &mut retrieved);
-    }
-    Ok(retrieved)
+    Ok(retrieve_encoded(index, examples, &encoded, build, cfg, detector))
 }
 
 /// [`retrieve`] for examples already encoded (the few-shot benchmark encodes each
-/// distinct text once).
+/// distinct text once; the server encodes outside the index lock).
 pub fn retrieve_encoded(
     index: &SpanIndex,
     examples: &[Example],
     encoded: &[EncodedText],
     build: &BuildConfig,
     cfg: &QueryConfig,
+    detector: Option<&SpanDetector>,
 ) -> Vec<Retrieved> {
     use rayon::prelude::*;
     let o_label = index.label_id(O_LABEL).map(|l| l.0);
@@ -387,10 +384,15 @@ pub fn retrieve_encoded(
                 }
             };
             utterances.truncate(cfg.intent_k);
+            let slotness: Vec<Option<f32>> = match detector {
+                Some(d) => d.logits(enc, &ex.words, &spans).into_iter().map(Some).collect(),
+                None => vec![None; spans.len()],
+            };
             let spans: Vec<SpanEvidence> = spans
                 .iter()
                 .zip(hits)
-                .map(|(span, neighbours)| {
+                .zip(slotness)
+                .map(|((span, neighbours), slotness)| {
                     let mut by_label: Vec<(u32, f32, u32)> = Vec::new();
                     for n in neighbours {
                         let label = index.span(n.id).label.0;
@@ -400,22 +402,12 @@ pub fn retrieve_encoded(
                     }
                     let o_score = by_label.iter().find(|(l, _, _)| Some(*l) == o_label).map(|x| x.1);
                     by_label.retain(|(l, _, _)| Some(*l) != o_label);
-                    SpanEvidence { span: *span, by_label, o_score, slotness: None }
+                    SpanEvidence { span: *span, by_label, o_score, slotness }
                 })
                 .collect();
             Retrieved { spans, utterances }
         })
         .collect()
-}
-
-/// Gives every retrieved span the span detector's logit (see [`SpanEvidence::slotness`]).
-pub fn add_slotness(detector: &SpanDetector, examples: &[Example], encoded: &[EncodedText], retrieved: &mut [Retrieved]) {
-    for ((ex, enc), r) in examples.iter().zip(encoded).zip(retrieved) {
-        let spans: Vec<WordSpan> = r.spans.iter().map(|e| e.span).collect();
-        for (e, z) in r.spans.iter_mut().zip(detector.logits(enc, &ex.words, &spans)) {
-            e.slotness = Some(z);
-        }
-    }
 }
 
 /// Decodes one utterance's retrieval into slots and intent, with justifications.

@@ -121,25 +121,26 @@ impl Slotness<'_> {
         self.detector.is_some() || self.oracle
     }
 
-    fn add(&self, ep: &Episode, support: &[EncodedText], queries: &[EncodedText], retrieved: &mut [Retrieved]) -> Result<()> {
-        if let Some(d) = self.detector {
-            if self.adapt_epochs > 0 {
+    /// The detector for one episode: a copy fitted on its support set when adapting.
+    fn for_episode(&self, ep: &Episode, support: &[EncodedText]) -> Result<Option<std::borrow::Cow<'_, SpanDetector>>> {
+        use std::borrow::Cow;
+        match self.detector {
+            Some(d) if self.adapt_epochs > 0 => {
                 let cfg = crate::detector::FitConfig { epochs: self.adapt_epochs, batch: 4, max_width: d.max_width, ..Default::default() };
-                let (adapted, _) = SpanDetector::fit_from(Some(d), &ep.support, support, &cfg)?;
-                labeler::add_slotness(&adapted, &ep.query, queries, retrieved);
-            } else {
-                labeler::add_slotness(d, &ep.query, queries, retrieved);
+                Ok(Some(Cow::Owned(SpanDetector::fit_from(Some(d), &ep.support, support, &cfg)?.0)))
+            }
+            other => Ok(other.map(Cow::Borrowed)),
+        }
+    }
+
+    /// `--oracle-detector`: the gold boundaries as slotness (logit ±20).
+    fn add_oracle(ep: &Episode, retrieved: &mut [Retrieved]) {
+        for (ex, r) in ep.query.iter().zip(retrieved.iter_mut()) {
+            let gold: Vec<_> = ex.spans.iter().map(|s| s.words()).collect();
+            for e in r.spans.iter_mut() {
+                e.slotness = Some(if gold.contains(&e.span) { 20.0 } else { -20.0 });
             }
         }
-        if self.oracle {
-            for (ex, r) in ep.query.iter().zip(retrieved.iter_mut()) {
-                let gold: Vec<_> = ex.spans.iter().map(|s| s.words()).collect();
-                for e in r.spans.iter_mut() {
-                    e.slotness = Some(if gold.contains(&e.span) { 20.0 } else { -20.0 });
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -177,9 +178,10 @@ fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &Q
     let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default())?;
     labeler::add_encoded(&mut index, &ep.support, &cache.get(&ep.support), build)?;
     let encoded = cache.get(&ep.query);
-    let mut retrieved = labeler::retrieve_encoded(&index, &ep.query, &encoded, build, cfg);
-    if cache.slotness.is_some() {
-        cache.slotness.add(ep, &cache.get(&ep.support), &encoded, &mut retrieved)?;
+    let detector = cache.slotness.for_episode(ep, &cache.get(&ep.support))?;
+    let mut retrieved = labeler::retrieve_encoded(&index, &ep.query, &encoded, build, cfg, detector.as_deref());
+    if cache.slotness.oracle {
+        Slotness::add_oracle(ep, &mut retrieved);
     }
     Ok(EpisodeRun { index, retrieved })
 }

@@ -27,7 +27,7 @@ pub enum TrainCommand {
     /// first sub-token.
     Baseline(BaselineArgs),
     /// Fit a span detector (is this span a slot of any label?) on a model's frozen
-    /// vectors and write it into the model folder, where retrieval can use it.
+    /// vectors; `--detector FILE` then lets it join retrieval's slot decisions.
     Detector(DetectorArgs),
 }
 
@@ -236,6 +236,7 @@ pub struct DetectorArgs {
     pub batch: usize,
     /// Start from this detector and go on fitting it on --data: adapts a detector fitted
     /// on broad data to your own examples (e.g. `--epochs 20 --batch 4` on a few dozen).
+    /// It keeps its own --hidden and --max-width.
     #[arg(long, value_name = "FILE")]
     pub init: Option<PathBuf>,
     #[arg(long, default_value_t = 7)]
@@ -284,8 +285,7 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
     let (max_width, hidden) = init.as_ref().map_or((a.max_width, a.hidden), |d| (d.max_width, d.hidden));
     let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed: a.seed, hidden, batch: a.batch };
     let (det, report) = SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)?;
-    let path = a.out;
-    det.save(&path)?;
+    det.save(&a.out)?;
     let losses: Vec<String> = report.loss.iter().map(|l| format!("{l:.4}")).collect();
     writeln!(
         out,
@@ -295,7 +295,7 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
         report.positives,
         losses.join(" "),
         started.elapsed().as_secs_f64(),
-        path.display()
+        a.out.display()
     )?;
     if !held_out.is_empty() {
         let texts: Vec<&str> = held_out.iter().map(|e| e.text.as_str()).collect();
@@ -387,7 +387,6 @@ impl Observer for Progress<'_> {
     }
 }
 
-/// Drops examples of the given intents; fails if an intent named matches nothing.
 /// The intents a SNIPS few-shot fold leaves out of training: its target domain and the
 /// dev domain after it.
 fn fold_domains(fold: u32) -> Vec<String> {
@@ -395,6 +394,7 @@ fn fold_domains(fold: u32) -> Vec<String> {
     vec![DOMAINS[fold - 1].to_string(), DOMAINS[fold % 7].to_string()]
 }
 
+/// Drops examples of the given intents; fails if an intent named matches nothing.
 fn exclude(examples: Vec<Example>, intents: &[String], source: &Path) -> Result<Vec<Example>> {
     for i in intents {
         if !examples.iter().any(|e| e.intent.as_deref() == Some(i)) {

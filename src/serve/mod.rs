@@ -240,10 +240,7 @@ fn parse_process(
         let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
         let encoded = encoder.encode(texts, cfg.batch_size).map_err(labeler::LabelerError::from)?;
         let index = read(&index);
-        let mut retrieved = labeler::retrieve_encoded(&index, &examples, &encoded, &build, &cfg);
-        if let Some(d) = &detector {
-            labeler::add_slotness(d, &examples, &encoded, &mut retrieved);
-        }
+        let retrieved = labeler::retrieve_encoded(&index, &examples, &encoded, &build, &cfg, detector.as_deref());
         Ok(examples.iter().zip(&retrieved).map(|(ex, r)| labeler::decide(&index, ex, r, &cfg)).collect())
     })
 }
