@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -284,7 +284,8 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
     // A detector to adapt keeps its own shape.
     let (max_width, hidden) = init.as_ref().map_or((a.max_width, a.hidden), |d| (d.max_width, d.hidden));
     let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed: a.seed, hidden, batch: a.batch };
-    let (det, report) = SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)?;
+    let (det, report) = SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)
+        .with_context(|| format!("{}: fitting the span detector", a.source.data.display()))?;
     det.save(&a.out)?;
     let losses: Vec<String> = report.loss.iter().map(|l| format!("{l:.4}")).collect();
     writeln!(

@@ -397,4 +397,9 @@ fn train_detector_then_query_and_eval_with_it() {
     foreign["dim"] = 768.into();
     std::fs::write(&broken, foreign.to_string()).unwrap();
     fails(d, &["eval", "--index", s(&index), "--data", s(&smarthome()), "--detector", s(&broken)], &["broken.json", "768-dim", "384"]);
+    // Examples without a single slot: the error names the data file.
+    let no_slots = d.join("no_slots.jsonl");
+    std::fs::write(&no_slots, "{\"text\": \"hello there\", \"intent\": \"greet\"}\n").unwrap();
+    fails(d, &["train", "detector", "--data", s(&no_slots), "--out", s(&d.join("x.json"))], &["no_slots.jsonl", "no training example has a candidate span that is a slot"]);
+    assert!(!d.join("x.json").exists(), "nothing written on error");
 }
