@@ -229,6 +229,11 @@ pub struct QuerySettings {
     /// 0.1 or 0.2, BENCHMARKS.md).
     #[arg(long, default_value_t = 0.1)]
     pub detector_weight: f32,
+    /// A slot scorer (`nearspan train scorer`, JSON) decides which spans are slots from
+    /// their retrieval evidence, instead of --threshold, --o-margin, --o-penalty and
+    /// --detector-weight. Default: none.
+    #[arg(long, value_name = "FILE")]
+    pub scorer: Option<PathBuf>,
 }
 
 impl QuerySettings {
@@ -270,6 +275,18 @@ impl QuerySettings {
             prefilter: self.prefilter,
             detector_weight: if self.detector.is_some() { self.detector_weight } else { 0.0 },
         })
+    }
+
+    /// The `--scorer` file, checked to have been fitted with a span detector exactly
+    /// when `--detector` is given.
+    pub(crate) fn load_scorer(&self) -> Result<Option<crate::scorer::SlotScorer>> {
+        let Some(path) = &self.scorer else { return Ok(None) };
+        let scorer = crate::scorer::SlotScorer::load(path)?;
+        match (scorer.with_detector, self.detector.is_some()) {
+            (true, false) => bail!("{}: this slot scorer was fitted with a span detector; give it as --detector", path.display()),
+            (false, true) => bail!("{}: this slot scorer was fitted without a span detector; leave out --detector or fit one with it", path.display()),
+            _ => Ok(Some(scorer)),
+        }
     }
 
     /// The `--detector` file, checked against the encoder's vector size.
@@ -508,7 +525,8 @@ fn query(a: QueryArgs, out: &mut dyn Write) -> Result<()> {
     let build = build_config(&index)?;
     let examples = read_query_examples(&a)?;
     let detector = a.settings.load_detector(&encoder)?;
-    let predictions = labeler::label_examples(&encoder, &index, &examples, &build, &cfg, detector.as_ref())?;
+    let scorer = a.settings.load_scorer()?;
+    let predictions = labeler::label_examples(&encoder, &index, &examples, &build, &cfg, detector.as_ref(), scorer.as_ref())?;
     let format = if a.json { OutputFormat::Json } else { a.format };
     for (ex, p) in examples.iter().zip(&predictions) {
         match format {
@@ -558,7 +576,8 @@ fn eval(a: EvalArgs, out: &mut dyn Write) -> Result<()> {
             let build = build_config(&index)?;
             let gold = load_examples(data_path, a.split.as_deref(), "test")?;
             let detector = a.settings.load_detector(&encoder)?;
-            let predictions = labeler::label_examples(&encoder, &index, &gold, &build, &cfg, detector.as_ref())?;
+            let scorer = a.settings.load_scorer()?;
+            let predictions = labeler::label_examples(&encoder, &index, &gold, &build, &cfg, detector.as_ref(), scorer.as_ref())?;
             let mut ev = Evaluator::new();
             for (g, p) in gold.iter().zip(&predictions) {
                 ev.add(g, &p.to_example(g))?;

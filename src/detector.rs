@@ -261,7 +261,7 @@ impl SpanDetector {
                     );
                 loss_sum += loss;
                 if count > 0 {
-                    adam.step(&mut det, &grad, 1.0 / count as f32);
+                    adam.step(det.params_mut(), &grad, 1.0 / count as f32);
                 }
             }
             losses.push(loss_sum / n_spans as f64);
@@ -374,8 +374,9 @@ impl SpanDetector {
     }
 }
 
-/// Adam over the detector's parameters, in the order of the gradient buffer.
-struct Adam {
+/// Adam over a small model's parameters, in the order of its gradient buffer (the
+/// detector's and the [`crate::scorer`]'s).
+pub(crate) struct Adam {
     m: Vec<f32>,
     v: Vec<f32>,
     step: i32,
@@ -383,16 +384,16 @@ struct Adam {
 }
 
 impl Adam {
-    fn new(n: usize, lr: f32) -> Self {
+    pub(crate) fn new(n: usize, lr: f32) -> Self {
         Self { m: vec![0.0; n], v: vec![0.0; n], step: 0, lr }
     }
 
     /// One step with gradient `grad × grad_scale`.
-    fn step(&mut self, det: &mut SpanDetector, grad: &[f32], grad_scale: f32) {
+    pub(crate) fn step<'p>(&mut self, params: impl Iterator<Item = &'p mut f32>, grad: &[f32], grad_scale: f32) {
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
         self.step += 1;
         let (c1, c2) = (1.0 - b1.powi(self.step), 1.0 - b2.powi(self.step));
-        for (((p, g), m), v) in det.params_mut().zip(grad).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+        for (((p, g), m), v) in params.zip(grad).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
             let g = g * grad_scale;
             *m = b1 * *m + (1.0 - b1) * g;
             *v = b2 * *v + (1.0 - b2) * g * g;
@@ -423,7 +424,7 @@ pub fn sigmoid(z: f32) -> f32 {
 }
 
 /// −log σ(z) for y = 1, −log(1 − σ(z)) for y = 0, computed without overflow.
-fn logistic_loss(z: f32, y: f32) -> f32 {
+pub(crate) fn logistic_loss(z: f32, y: f32) -> f32 {
     let softplus = |x: f32| if x > 20.0 { x } else { x.exp().ln_1p() };
     if y > 0.5 { softplus(-z) } else { softplus(z) }
 }

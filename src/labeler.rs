@@ -15,6 +15,7 @@ use crate::data::{Example, LabeledSpan};
 use crate::decode::{decode, Candidate, Strategy};
 use crate::detector::SpanDetector;
 use crate::encoder::{EncodedText, Encoder, EncoderError, SpanPooling};
+use crate::scorer::SlotScorer;
 use crate::spans::{candidate_spans, factored_span_vectors, span_vectors, SpanVectors, WordSpan};
 
 /// The label of indexed non-slot spans.
@@ -412,6 +413,23 @@ pub fn retrieve_encoded(
 
 /// Decodes one utterance's retrieval into slots and intent, with justifications.
 pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig) -> Prediction {
+    decide_with(index, ex, r, cfg, None)
+}
+
+/// [`decide`], or with a fitted [`SlotScorer`]: its logit replaces the threshold, the
+/// non-slot margin and penalty and the detector weight (greedy decoding by logit, spans
+/// below [`SlotScorer::min_logit`] left out).
+pub fn decide_with(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig, scorer: Option<&SlotScorer>) -> Prediction {
+    if let Some(scorer) = scorer {
+        let candidates: Vec<Candidate> = scorer
+            .score(r)
+            .into_iter()
+            .filter(|&(_, logit)| logit >= scorer.min_logit)
+            .map(|(i, logit)| Candidate { span: r.spans[i].span, label: r.spans[i].by_label[0].0, score: logit })
+            .collect();
+        let chosen = decode(&candidates, &[], Strategy::Greedy);
+        return prediction(index, ex, r, cfg, &chosen);
+    }
     let candidates: Vec<Candidate> = r
         .spans
         .iter()
@@ -437,6 +455,11 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
         }
     }
     let chosen = decode(&candidates, &word_scores, cfg.strategy);
+    prediction(index, ex, r, cfg, &chosen)
+}
+
+/// The chosen spans as slots with their justifications, and the intent.
+fn prediction(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig, chosen: &[Candidate]) -> Prediction {
     let slots = chosen
         .iter()
         .map(|c| {
@@ -529,7 +552,7 @@ fn decide_intent(index: &SpanIndex, r: &Retrieved, cfg: &QueryConfig) -> Option<
 }
 
 /// Labels examples (their words decide the candidate spans), with the span detector's
-/// opinion when one is given.
+/// opinion and a slot scorer's decisions when given.
 pub fn label_examples(
     encoder: &Encoder,
     index: &SpanIndex,
@@ -537,9 +560,10 @@ pub fn label_examples(
     build: &BuildConfig,
     cfg: &QueryConfig,
     detector: Option<&SpanDetector>,
+    scorer: Option<&SlotScorer>,
 ) -> Result<Vec<Prediction>, LabelerError> {
     let retrieved = retrieve(encoder, index, examples, build, cfg, detector)?;
-    Ok(examples.iter().zip(&retrieved).map(|(ex, r)| decide(index, ex, r, cfg)).collect())
+    Ok(examples.iter().zip(&retrieved).map(|(ex, r)| decide_with(index, ex, r, cfg, scorer)).collect())
 }
 
 /// Labels raw texts, words split by [`crate::data::segment_words`].
@@ -551,7 +575,7 @@ pub fn label_texts(
     cfg: &QueryConfig,
 ) -> Result<Vec<Prediction>, LabelerError> {
     let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
-    label_examples(encoder, index, &examples, build, cfg, None)
+    label_examples(encoder, index, &examples, build, cfg, None, None)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod train;
 pub mod spans;
 pub mod decode;
 pub mod detector;
+pub mod scorer;
 pub mod labeler;
 pub mod cli;
 pub mod bench;

@@ -20,6 +20,7 @@ use crate::detector::SpanDetector;
 use crate::encoder::{EncodedText, Encoder};
 use crate::eval::{ErrorCounts, EvalReport, Evaluator, SpanCounts};
 use crate::labeler::{self, BuildConfig, QueryConfig, Retrieved};
+use crate::scorer::{self, ScorerFit, SlotScorer};
 
 /// SNIPS domain of each fold, in Hou et al.'s order (We, Mu, Pl, Bo, Se, Re, Cr).
 pub const DOMAINS: [&str; 7] =
@@ -80,6 +81,12 @@ pub struct FewshotArgs {
     /// detection could gain.
     #[arg(long, conflicts_with = "detector")]
     pub oracle_detector: bool,
+    /// Decide with a slot scorer (a logistic regression on each span's retrieval
+    /// evidence) fitted per fold on the dev episodes' queries, its lowest logit chosen
+    /// there too, instead of the hand-set threshold, margin, penalty and detector weight
+    /// (`src/scorer.rs`; BENCHMARKS.md).
+    #[arg(long, conflicts_with_all = ["no_tune", "scorer"])]
+    pub fit_scorer: bool,
     #[command(flatten)]
     pub build: BuildArgs,
     #[command(flatten)]
@@ -186,19 +193,19 @@ fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &Q
     Ok(EpisodeRun { index, retrieved })
 }
 
-/// Scores one episode's queries at `cfg`'s settings.
-fn episode_report(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig) -> Result<EvalReport> {
+/// Scores one episode's queries at `cfg`'s settings, or with a fitted scorer.
+fn episode_report(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig, scorer: Option<&SlotScorer>) -> Result<EvalReport> {
     let mut ev = Evaluator::new();
     for (gold, r) in ep.query.iter().zip(&run.retrieved) {
-        let p = labeler::decide(&run.index, gold, r, cfg);
+        let p = labeler::decide_with(&run.index, gold, r, cfg, scorer);
         ev.add(gold, &p.to_example(gold))?;
     }
     Ok(ev.report())
 }
 
 /// Strict span F1 (percent) of one episode at `cfg`'s settings.
-fn episode_f1(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig) -> Result<f64> {
-    Ok(100.0 * episode_report(run, ep, cfg)?.micro.f1)
+fn episode_f1(run: &EpisodeRun, ep: &Episode, cfg: &QueryConfig, scorer: Option<&SlotScorer>) -> Result<f64> {
+    Ok(100.0 * episode_report(run, ep, cfg, scorer)?.micro.f1)
 }
 
 /// Slot counts and error kinds summed over a domain's episodes, for the results file.
@@ -225,14 +232,23 @@ pub(crate) struct DevChoice {
     pub detector_weight: f32,
 }
 
+/// Retrieval for every dev episode (decoding them is cheap, so settings are swept after).
+fn dev_runs(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<Vec<EpisodeRun>> {
+    cache.fill(dev)?;
+    dev.iter().map(|ep| run_episode(cache, ep, build, cfg)).collect()
+}
+
 /// Grid-searches the threshold (and the non-slot margin and penalty, when `O` spans are
 /// indexed) on dev episodes; the mean per-episode F1 of the best setting also scores a checkpoint
 /// during training.
 fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<DevChoice> {
-    cache.fill(dev)?;
-    let runs: Vec<EpisodeRun> = dev.iter().map(|ep| run_episode(cache, ep, build, cfg)).collect::<Result<_>>()?;
+    let runs = dev_runs(cache, dev, build, cfg)?;
+    choose_on_runs(&runs, dev, build, cfg, cache.slotness.is_some())
+}
+
+fn choose_on_runs(runs: &[EpisodeRun], dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig, with_detector: bool) -> Result<DevChoice> {
     let (margins, penalties): (&[f32], &[f32]) = if build.index_o_spans { (&MARGIN_GRID, &PENALTY_GRID) } else { (&[0.0], &[0.0]) };
-    let weights: &[f32] = if cache.slotness.is_some() { &DETECTOR_GRID } else { &[0.0] };
+    let weights: &[f32] = if with_detector { &DETECTOR_GRID } else { &[0.0] };
     let mut best = DevChoice {
         f1: f64::NEG_INFINITY,
         threshold: cfg.threshold,
@@ -245,7 +261,7 @@ fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, 
             for &t in &THRESHOLD_GRID {
                 for &m in margins {
                     let c = QueryConfig { threshold: t, o_margin: m, o_penalty: p, detector_weight: w, ..*cfg };
-                    let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, &c)).collect::<Result<Vec<_>>>()?);
+                    let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, &c, None)).collect::<Result<Vec<_>>>()?);
                     if f1 > best.f1 {
                         best = DevChoice { f1, threshold: t, o_margin: m, o_penalty: p, detector_weight: w };
                     }
@@ -254,6 +270,29 @@ fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, 
         }
     }
     Ok(best)
+}
+
+/// Fits a [`SlotScorer`] on the dev episodes' queries and chooses its lowest logit
+/// there; returns it with its mean dev F1.
+fn fit_scorer(runs: &[EpisodeRun], dev: &[Episode], cfg: &QueryConfig, fit: &ScorerFit) -> Result<(SlotScorer, f64)> {
+    let mut data = Vec::new();
+    for (run, ep) in runs.iter().zip(dev) {
+        for (gold, r) in ep.query.iter().zip(&run.retrieved) {
+            let gold_ids = gold.spans.iter().filter_map(|s| Some((s.words(), run.index.label_id(&s.label)?.0))).collect();
+            data.push(scorer::Labeled { retrieved: r, gold: gold_ids });
+        }
+    }
+    let mut scorer = SlotScorer::fit(&data, fit).context("fitting the slot scorer on the dev episodes")?;
+    let mut best = (f64::NEG_INFINITY, 0.0);
+    for t in scorer::MIN_LOGIT_GRID {
+        scorer.min_logit = t;
+        let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, cfg, Some(&scorer))).collect::<Result<Vec<_>>>()?);
+        if f1 > best.0 {
+            best = (f1, t);
+        }
+    }
+    scorer.min_logit = best.1;
+    Ok((scorer, best.0))
 }
 
 /// Scores an encoder on dev episodes (settings tuned there), for early stopping.
@@ -333,16 +372,22 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         target.truncate(a.episodes.unwrap_or(usize::MAX));
         let mut cfg = base_cfg;
         let mut dev_f1 = f64::NAN;
+        let mut fitted: Option<(SlotScorer, f64)> = None;
         if !a.no_tune {
             let dev = dev_window(load_domain(&a.data, a.shots, dev_fold)?, a.dev_skip, a.dev_episodes)?;
-            let chosen = tune_on_dev(cache, &dev, &build, &cfg)?;
+            let runs = dev_runs(cache, &dev, &build, &cfg)?;
+            let chosen = choose_on_runs(&runs, &dev, &build, &cfg, cache.slotness.is_some())?;
             (dev_f1, cfg.threshold, cfg.o_margin, cfg.o_penalty) = (chosen.f1, chosen.threshold, chosen.o_margin, chosen.o_penalty);
             cfg.detector_weight = chosen.detector_weight;
+            if a.fit_scorer {
+                fitted = Some(fit_scorer(&runs, &dev, &cfg, &ScorerFit::default())?);
+            }
         }
+        let scorer = fitted.as_ref().map(|f| &f.0);
         cache.fill(&target)?;
         let reports: Vec<EvalReport> = target
             .iter()
-            .map(|ep| episode_report(&run_episode(cache, ep, &build, &cfg)?, ep, &cfg))
+            .map(|ep| episode_report(&run_episode(cache, ep, &build, &cfg)?, ep, &cfg, scorer))
             .collect::<Result<_>>()?;
         let scores: Vec<f64> = reports.iter().map(|r| 100.0 * r.micro.f1).collect();
         if fold_encoder.is_none() {
@@ -362,7 +407,12 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             started.elapsed().as_secs_f64()
         )?;
         per_domain.insert(domain.into(), serde_json::json!((f1 * 100.0).round() / 100.0));
-        thresholds.insert(domain.into(), serde_json::json!({"threshold": cfg.threshold, "o_margin": cfg.o_margin, "o_penalty": cfg.o_penalty, "detector_weight": cfg.detector_weight, "dev_f1": dev_f1}));
+        let mut chosen = serde_json::json!({"threshold": cfg.threshold, "o_margin": cfg.o_margin, "o_penalty": cfg.o_penalty, "detector_weight": cfg.detector_weight, "dev_f1": dev_f1});
+        if let Some((s, f1)) = &fitted {
+            writeln!(out, "{:<22}   decided by the slot scorer fitted on dev: F1 {f1:.2} there at lowest logit {:.1}", "", s.min_logit)?;
+            chosen["scorer"] = serde_json::json!({"weights": s.w, "bias": s.b, "min_logit": s.min_logit, "dev_f1": f1});
+        }
+        thresholds.insert(domain.into(), chosen);
         errors.insert(domain.into(), error_summary(&reports));
         f1s.push(f1);
     }
@@ -379,7 +429,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         "settings": {
             "model": model_name, "pooling": build.pooling.name(), "max_width": build.max_width,
             "o_spans": build.index_o_spans, "k": base_cfg.k, "decoder": format!("{:?}", base_cfg.strategy),
-            "tuned": !a.no_tune, "detector": a.settings.detector, "detector_adapt_epochs": a.detector_adapt, "oracle_detector": a.oracle_detector,
+            "tuned": !a.no_tune, "detector": a.settings.detector, "detector_adapt_epochs": a.detector_adapt, "oracle_detector": a.oracle_detector, "scorer": a.fit_scorer,
         },
         "seconds": started.elapsed().as_secs_f64().round(),
     });

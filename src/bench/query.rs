@@ -37,6 +37,7 @@ use serde_json::{json, Value};
 use super::encoder::{check_threads, command_line, cpu_model, peer_json, pin_candle_threads, ratio, resolve_script, round, CpuSample};
 use crate::cli::{ModelArg, QuerySettings};
 use crate::detector::SpanDetector;
+use crate::scorer::SlotScorer;
 use crate::data::{Example, Format};
 use crate::decode::Strategy;
 use crate::encoder::Encoder;
@@ -125,7 +126,8 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
     let load = super::loadavg_1min();
     let cpu = CpuSample::now();
     let detector = a.settings.load_detector(&encoder)?;
-    let ours = || measure_ours(&encoder, &index, &test.examples, &build, &cfg, detector.as_ref(), a.single);
+    let scorer = a.settings.load_scorer()?;
+    let ours = || measure_ours(&encoder, &index, &test.examples, &build, &cfg, (detector.as_ref(), scorer.as_ref()), a.single);
     let (ours, predictions) = pool.install(ours)?;
     let mut report = ours;
     report["loadavg_before"] = json!(load);
@@ -175,7 +177,7 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
         "k": cfg.k, "threshold": cfg.threshold, "o_margin": cfg.o_margin, "decoder": cfg.strategy,
         "intent_k": cfg.intent_k, "intent_aggregation": cfg.intent_aggregation, "oos_threshold": cfg.oos_threshold,
         "explain": cfg.explain, "batch_size": cfg.batch_size, "prefilter": cfg.prefilter,
-        "detector": a.settings.detector, "detector_weight": cfg.detector_weight
+        "detector": a.settings.detector, "detector_weight": cfg.detector_weight, "scorer": a.settings.scorer
     });
     report["threads"] = json!(a.threads);
     report["thread_check"] = thread_check;
@@ -199,23 +201,23 @@ fn measure_ours(
     examples: &[Example],
     build: &BuildConfig,
     cfg: &QueryConfig,
-    detector: Option<&SpanDetector>,
+    learned: (Option<&SpanDetector>, Option<&SlotScorer>),
     single: usize,
 ) -> Result<(Value, Vec<Prediction>)> {
     // Warm-up: page in the weights and the index.
-    labeler::label_examples(encoder, index, &examples[..examples.len().min(8)], build, cfg, detector)?;
+    labeler::label_examples(encoder, index, &examples[..examples.len().min(8)], build, cfg, learned.0, learned.1)?;
     let mut latencies: Vec<f64> = examples
         .iter()
         .cycle()
         .take(single)
         .map(|ex| {
             let t = Instant::now();
-            labeler::label_examples(encoder, index, std::slice::from_ref(ex), build, cfg, detector).map(|_| t.elapsed().as_secs_f64() * 1e3)
+            labeler::label_examples(encoder, index, std::slice::from_ref(ex), build, cfg, learned.0, learned.1).map(|_| t.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_, _>>()?;
     latencies.sort_by(f64::total_cmp);
     let t = Instant::now();
-    let predictions = labeler::label_examples(encoder, index, examples, build, cfg, detector)?;
+    let predictions = labeler::label_examples(encoder, index, examples, build, cfg, learned.0, learned.1)?;
     let batch_s = t.elapsed().as_secs_f64();
     let report = json!({
         "impl": format!("nearspan ({} encoder products, {} graph, cpu)", encoder.precision().name(), index.params().graph_precision),

@@ -29,6 +29,10 @@ pub enum TrainCommand {
     /// Fit a span detector (is this span a slot of any label?) on a model's frozen
     /// vectors; `--detector FILE` then lets it join retrieval's slot decisions.
     Detector(DetectorArgs),
+    /// Fit a slot scorer (which spans are slots, from their retrieval evidence) on
+    /// labeled examples that are not in the index; `--scorer FILE` then makes the slot
+    /// decisions in query, eval and serve.
+    Scorer(ScorerArgs),
 }
 
 /// Settings of the training loop, shared by both models.
@@ -250,12 +254,100 @@ pub struct DetectorArgs {
     pub out: PathBuf,
 }
 
+#[derive(Debug, Args)]
+pub struct ScorerArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// The index the scorer will decide for.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Labeled examples the index does not hold (retrieving an indexed example finds
+    /// itself, which teaches the scorer nothing): a JSONL file or a dataset folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Split of a dataset folder (default: dev).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Retrieval settings as at query time (--k, --prefilter, --detector, ...); the
+    /// hand-set rule's settings (--threshold, ...) are only the comparison printed.
+    #[command(flatten)]
+    pub settings: super::QuerySettings,
+    /// Where to write it (JSON).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
 pub(crate) fn run(cmd: TrainCommand, out: &mut dyn Write) -> Result<()> {
     match cmd {
         TrainCommand::Retriever(a) => retriever(a, out),
         TrainCommand::Baseline(a) => baseline(a, out),
         TrainCommand::Detector(a) => detector(a, out),
+        TrainCommand::Scorer(a) => scorer(a, out),
     }
+}
+
+fn scorer(a: ScorerArgs, out: &mut dyn Write) -> Result<()> {
+    use crate::labeler;
+    use crate::scorer::{Labeled, ScorerFit, SlotScorer};
+    if a.settings.scorer.is_some() {
+        bail!("train scorer: --scorer is what it writes; give --out instead");
+    }
+    let cfg = a.settings.config()?;
+    let encoder = a.model.load()?;
+    let mut index = super::open_index(&a.index, &encoder)?;
+    a.settings.apply(&mut index);
+    let build = super::build_config(&index)?;
+    let data = load_examples(&a.data, a.split.as_deref(), "dev")?;
+    let indexed: std::collections::HashSet<&str> =
+        (0..index.n_examples() as u32).map(|i| index.example(nearspan_index::ExampleId(i)).text.as_str()).collect();
+    let inside = data.iter().filter(|e| indexed.contains(e.text.as_str())).count();
+    if inside > 0 {
+        bail!(
+            "{}: {inside} of its {} examples are in the index {}; fit the scorer on labeled examples the index does not hold",
+            a.data.display(),
+            data.len(),
+            a.index.display()
+        );
+    }
+    let detector = a.settings.load_detector(&encoder)?;
+    let retrieved = labeler::retrieve(&encoder, &index, &data, &build, &cfg, detector.as_ref())?;
+    let labeled: Vec<Labeled> = data
+        .iter()
+        .zip(&retrieved)
+        .map(|(ex, r)| Labeled {
+            retrieved: r,
+            gold: ex.spans.iter().filter_map(|s| Some((s.words(), index.label_id(&s.label)?.0))).collect(),
+        })
+        .collect();
+    let mut scorer = SlotScorer::fit(&labeled, &ScorerFit::default())
+        .with_context(|| format!("{}: fitting the slot scorer", a.data.display()))?;
+    let f1 = |scorer: Option<&SlotScorer>| -> Result<f64> {
+        let mut ev = Evaluator::new();
+        for (ex, r) in data.iter().zip(&retrieved) {
+            ev.add(ex, &labeler::decide_with(&index, ex, r, &cfg, scorer).to_example(ex))?;
+        }
+        Ok(100.0 * ev.report().micro.f1)
+    };
+    let mut best = (f64::NEG_INFINITY, 0.0);
+    for t in crate::scorer::MIN_LOGIT_GRID {
+        scorer.min_logit = t;
+        let f = f1(Some(&scorer))?;
+        if f > best.0 {
+            best = (f, t);
+        }
+    }
+    scorer.min_logit = best.1;
+    scorer.save(&a.out)?;
+    writeln!(
+        out,
+        "slot scorer: {} examples; slot F1 on them {:.2} (hand-set rule at the given settings: {:.2}); lowest logit {:.1}; wrote {}",
+        data.len(),
+        best.0,
+        f1(None)?,
+        scorer.min_logit,
+        a.out.display()
+    )?;
+    Ok(())
 }
 
 fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {

@@ -190,7 +190,7 @@ pub fn run(a: LoadArgs, out: &mut dyn Write) -> Result<()> {
             let encoder = a.model.load()?;
             let index = crate::cli::open_index(index_path, &encoder)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let options = Options { limits: a.limits, query: crate::labeler::QueryConfig::default(), detector: None, api_key: None, cors_origins: Vec::new() };
+            let options = Options { limits: a.limits, query: crate::labeler::QueryConfig::default(), detector: None, scorer: None, api_key: None, cors_origins: Vec::new() };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let (state, listener) = rt.block_on(async {
                 let state = State::new(encoder, index, index_path, options)?;

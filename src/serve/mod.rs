@@ -30,6 +30,7 @@ use nearspan_index::SpanIndex;
 
 use crate::data::Example;
 use crate::detector::SpanDetector;
+use crate::scorer::SlotScorer;
 use crate::encoder::Encoder;
 use crate::labeler::{self, BuildConfig, Prediction, QueryConfig};
 use batcher::{BatchConfig, Batcher, Process};
@@ -120,6 +121,8 @@ pub struct Options {
     pub query: QueryConfig,
     /// The span detector that joins slot decisions (`--detector`), if any.
     pub detector: Option<Arc<SpanDetector>>,
+    /// The slot scorer that makes them (`--scorer`), if any.
+    pub scorer: Option<Arc<SlotScorer>>,
     pub api_key: Option<String>,
     pub cors_origins: Vec<String>,
 }
@@ -169,7 +172,7 @@ impl State {
         let encoder = Arc::new(encoder);
         let index = Arc::new(RwLock::new(index));
         let metrics = Arc::new(Metrics::default());
-        let process = parse_process(encoder.clone(), index.clone(), build, options.query, options.detector.clone());
+        let process = parse_process(encoder.clone(), index.clone(), build, options.query, (options.detector.clone(), options.scorer.clone()));
         let batcher = Batcher::start(options.limits.batch_config(), process, metrics.clone())?;
         Ok(Arc::new(Self {
             encoder,
@@ -234,14 +237,14 @@ fn parse_process(
     index: Arc<RwLock<SpanIndex>>,
     build: BuildConfig,
     cfg: QueryConfig,
-    detector: Option<Arc<SpanDetector>>,
+    (detector, scorer): (Option<Arc<SpanDetector>>, Option<Arc<SlotScorer>>),
 ) -> Process {
     Arc::new(move |texts: &[&str]| -> Result<Vec<Prediction>, ServeError> {
         let examples: Vec<Example> = texts.iter().map(|t| Example::from_text(t, None)).collect();
         let encoded = encoder.encode(texts, cfg.batch_size).map_err(labeler::LabelerError::from)?;
         let index = read(&index);
         let retrieved = labeler::retrieve_encoded(&index, &examples, &encoded, &build, &cfg, detector.as_deref());
-        Ok(examples.iter().zip(&retrieved).map(|(ex, r)| labeler::decide(&index, ex, r, &cfg)).collect())
+        Ok(examples.iter().zip(&retrieved).map(|(ex, r)| labeler::decide_with(&index, ex, r, &cfg, scorer.as_deref())).collect())
     })
 }
 
@@ -296,7 +299,8 @@ pub fn run(a: ServeArgs, out: &mut dyn Write) -> Result<()> {
     a.settings.apply(&mut index);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     let detector = a.settings.load_detector(&encoder)?.map(Arc::new);
-    let options = Options { limits: a.limits, query, detector, api_key: a.api_key, cors_origins: a.cors_origin };
+    let scorer = a.settings.load_scorer()?.map(Arc::new);
+    let options = Options { limits: a.limits, query, detector, scorer, api_key: a.api_key, cors_origins: a.cors_origin };
     let result = rt.block_on(async {
         let shutdown = shutdown_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
         let state = State::new(encoder, index, &a.index, options)?;

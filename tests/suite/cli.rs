@@ -366,6 +366,54 @@ fn error_messages_state_their_cause_once() {
 /// `--init`, and `query` / `eval` use it; a damaged or foreign detector file is refused
 /// with its path named.
 #[test]
+fn train_scorer_on_held_out_examples_then_eval_and_query_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Every other example indexed; the rest, which the index does not hold, fit the scorer.
+    let lines: Vec<String> = std::fs::read_to_string(smarthome()).unwrap().lines().map(str::to_string).collect();
+    let (indexed, held_out) = (d.join("indexed.jsonl"), d.join("held_out.jsonl"));
+    std::fs::write(&indexed, lines.iter().step_by(2).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    std::fs::write(&held_out, lines.iter().skip(1).step_by(2).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let index = d.join("x.nsi");
+    ok(d, &["index", "build", "--examples", s(&indexed), "--out", s(&index)]);
+    let scorer = d.join("scorer.json");
+    let printed = ok(d, &["train", "scorer", "--index", s(&index), "--data", s(&held_out), "--out", s(&scorer)]);
+    assert!(printed.contains("slot scorer: 39 examples") && printed.contains("scorer.json"), "{printed}");
+    let fitted = json(&std::fs::read_to_string(&scorer).unwrap());
+    assert_eq!(fitted["format"], "nearspan-slot-scorer/1");
+    // eval with the scorer reaches the F1 that fitting printed for the same examples.
+    let printed_f1: f64 = printed.split("slot F1 on them ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let report = json(&ok(d, &["eval", "--index", s(&index), "--data", s(&held_out), "--scorer", s(&scorer)]));
+    let f1 = 100.0 * report["micro"]["f1"].as_f64().unwrap();
+    assert!((f1 - printed_f1).abs() < 0.01, "eval {f1} vs fitting's {printed_f1}");
+    assert!(f1 > 50.0, "held-out smart-home slots with the scorer: {report}");
+    // A scorer that calls nothing a slot removes every slot; the intent stays.
+    let mut never = fitted.clone();
+    never["min_logit"] = 1e6.into();
+    let never_path = d.join("never.json");
+    std::fs::write(&never_path, never.to_string()).unwrap();
+    let out = json(ok(d, &["query", "--index", s(&index), "--scorer", s(&never_path), "--json", "turn off the bedroom lamp"]).trim());
+    assert_eq!(out["slots"].as_array().unwrap().len(), 0, "{out}");
+    assert_eq!(out["intent"]["label"], "turn_off", "{out}");
+
+    // Fitting on indexed examples is refused, naming the file; nothing is written.
+    let err = fails(d, &["train", "scorer", "--index", s(&index), "--data", s(&indexed), "--out", s(&d.join("y.json"))], &["indexed.jsonl", "39 of its 39 examples are in the index"]);
+    assert!(!d.join("y.json").exists(), "{err}");
+    fails(d, &["train", "scorer", "--index", s(&index), "--data", s(&held_out), "--scorer", s(&scorer), "--out", s(&d.join("y.json"))], &["--scorer"]);
+    let broken = d.join("broken.json");
+    std::fs::write(&broken, "{\"format\": \"nearspan-slot-scorer/1\"").unwrap();
+    fails(d, &["query", "--index", s(&index), "--scorer", s(&broken), "x"], &["broken.json", "not a slot scorer"]);
+    // A scorer fitted without a detector refuses one at query time, and the other way round.
+    let det = d.join("det.json");
+    ok(d, &["train", "detector", "--data", s(&indexed), "--epochs", "1", "--out", s(&det)]);
+    fails(d, &["query", "--index", s(&index), "--scorer", s(&scorer), "--detector", s(&det), "x"], &["scorer.json", "without a span detector"]);
+    let with_det = d.join("with_det.json");
+    ok(d, &["train", "scorer", "--index", s(&index), "--data", s(&held_out), "--detector", s(&det), "--out", s(&with_det)]);
+    assert_eq!(json(&std::fs::read_to_string(&with_det).unwrap())["with_detector"], true);
+    fails(d, &["eval", "--index", s(&index), "--data", s(&held_out), "--scorer", s(&with_det)], &["with_det.json", "give it as --detector"]);
+}
+
+#[test]
 fn train_detector_then_query_and_eval_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
