@@ -87,6 +87,13 @@ pub struct FewshotArgs {
     /// (`src/scorer.rs`; BENCHMARKS.md).
     #[arg(long, conflicts_with_all = ["no_tune", "scorer"])]
     pub fit_scorer: bool,
+    /// Diagnostic: append every dev-episode query span's retrieval evidence to this file
+    /// (tab-separated: fold, episode, query, words, start, end, best label, its
+    /// similarity, the second label's, the non-slot similarity, the detector's logit, the
+    /// gold label or "-"; then one `GOLD` row per gold slot), for studying decision rules
+    /// outside the binary (`scripts/decision_rule_transfer.py`).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_tune")]
+    pub dump_evidence: Option<PathBuf>,
     #[command(flatten)]
     pub build: BuildArgs,
     #[command(flatten)]
@@ -301,6 +308,36 @@ pub(crate) fn dev_score(encoder: &Encoder, dev: &[Episode], build: &BuildConfig,
     tune_on_dev(&mut cache, dev, build, cfg)
 }
 
+/// Appends the dev runs' span evidence (`--dump-evidence`).
+fn dump_evidence(path: &std::path::Path, fold: usize, runs: &[EpisodeRun], dev: &[Episode]) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    let num = |x: Option<f32>| x.map_or("NaN".to_string(), |x| x.to_string());
+    for (ei, (run, ep)) in runs.iter().zip(dev).enumerate() {
+        for (qi, (ex, r)) in ep.query.iter().zip(&run.retrieved).enumerate() {
+            for e in &r.spans {
+                let gold = ex.spans.iter().find(|s| s.words() == e.span).map_or("-", |s| s.label.as_str());
+                let best = e.by_label.first().map(|x| (run.index.label(nearspan_index::LabelId(x.0)), x.1));
+                writeln!(
+                    f,
+                    "{fold}\t{ei}\t{qi}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{gold}",
+                    ex.words.len(),
+                    e.span.start,
+                    e.span.end,
+                    best.map_or("-", |b| b.0),
+                    num(best.map(|b| b.1)),
+                    num(e.by_label.get(1).map(|x| x.1)),
+                    num(e.o_score),
+                    num(e.slotness)
+                )?;
+            }
+            for s in &ex.spans {
+                writeln!(f, "{fold}\t{ei}\t{qi}\tGOLD\t{}\t{}\t{}", s.word_start, s.word_end, s.label)?;
+            }
+        }
+    }
+    f.flush()
+}
+
 /// Dev episodes `skip + 1 ..= skip + take` (fewer when the domain ends first).
 fn dev_window(mut episodes: Vec<Episode>, skip: usize, take: usize) -> Result<Vec<Episode>> {
     if skip >= episodes.len() {
@@ -376,6 +413,9 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         if !a.no_tune {
             let dev = dev_window(load_domain(&a.data, a.shots, dev_fold)?, a.dev_skip, a.dev_episodes)?;
             let runs = dev_runs(cache, &dev, &build, &cfg)?;
+            if let Some(path) = &a.dump_evidence {
+                dump_evidence(path, fold, &runs, &dev).with_context(|| format!("{}: writing the evidence", path.display()))?;
+            }
             let chosen = choose_on_runs(&runs, &dev, &build, &cfg, cache.slotness.is_some())?;
             (dev_f1, cfg.threshold, cfg.o_margin, cfg.o_penalty) = (chosen.f1, chosen.threshold, chosen.o_margin, chosen.o_penalty);
             cfg.detector_weight = chosen.detector_weight;

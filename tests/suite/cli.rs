@@ -325,6 +325,7 @@ fn help_exits_zero_for_every_command() {
         &["bench", "encoder"],
         &["bench", "train-step"],
         &["train", "detector"],
+        &["train", "scorer"],
     ];
     for cmd in commands {
         let mut args = cmd.to_vec();
@@ -411,6 +412,37 @@ fn train_scorer_on_held_out_examples_then_eval_and_query_with_it() {
     ok(d, &["train", "scorer", "--index", s(&index), "--data", s(&held_out), "--detector", s(&det), "--out", s(&with_det)]);
     assert_eq!(json(&std::fs::read_to_string(&with_det).unwrap())["with_detector"], true);
     fails(d, &["eval", "--index", s(&index), "--data", s(&held_out), "--scorer", s(&with_det)], &["with_det.json", "give it as --detector"]);
+}
+
+/// `bench fewshot --fit-scorer` on one fold of the real episodes (1 target episode, 3 dev
+/// episodes): the chosen settings record the scorer, and `--dump-evidence` writes every
+/// dev query span's evidence with its gold label.
+#[test]
+fn bench_fewshot_fits_a_scorer_on_dev_and_dumps_the_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (results, evidence) = (d.join("r.json"), d.join("ev.tsv"));
+    let data = shared("snips_fewshot");
+    let args = ["bench", "fewshot", "--data", s(&data), "--shots", "5", "--folds", "1", "--episodes", "1", "--dev-episodes", "3"];
+    let mut with = args.to_vec();
+    with.extend(["--fit-scorer", "--dump-evidence", s(&evidence), "--out", s(&results), "--key", "k"]);
+    let printed = ok(d, &with);
+    assert!(printed.contains("decided by the slot scorer fitted on dev"), "{printed}");
+    let r = json(&std::fs::read_to_string(&results).unwrap());
+    let chosen = &r["k"]["5shot"]["chosen_on_dev"]["GetWeather"]["scorer"];
+    assert_eq!(chosen["weights"].as_array().unwrap().len(), 8, "{r}");
+    assert!(chosen["min_logit"].is_number() && chosen["dev_f1"].as_f64().unwrap() > 0.0, "{r}");
+    let text = std::fs::read_to_string(&evidence).unwrap();
+    let (spans, gold): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| !l.contains("\tGOLD\t"));
+    assert!(spans.iter().all(|l| l.split('\t').count() == 12), "{}", spans[0]);
+    assert!(!gold.is_empty() && gold.iter().all(|l| l.starts_with("1\t")));
+    // Every gold slot of the dump is also a candidate row that names its label.
+    let first_gold: Vec<&str> = gold[0].split('\t').collect();
+    let candidate = format!("\t{}\t{}\t", first_gold[4], first_gold[5]);
+    assert!(spans.iter().any(|l| l.starts_with(&format!("{}\t", first_gold[..3].join("\t"))) && l.contains(&candidate) && l.ends_with(first_gold[6])));
+    let mut no_tune = args.to_vec();
+    no_tune.extend(["--fit-scorer", "--no-tune", "--out", s(&results)]);
+    fails(d, &no_tune, &["--no-tune"]);
 }
 
 #[test]

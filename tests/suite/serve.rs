@@ -460,3 +460,27 @@ fn serve_uses_the_span_detector() {
     assert!(slots(p).is_empty(), "{p}");
     assert_eq!(p["intent"]["label"], "turn_on", "the intent does not depend on the detector: {p}");
 }
+
+/// `serve --scorer`: the slot scorer makes the slot decisions (one that keeps nothing
+/// removes every slot, the intent stays; one that keeps every span finds slots).
+#[test]
+fn serve_uses_the_slot_scorer() {
+    let (dir, index) = fresh_index();
+    let path = dir.path().join("never.json");
+    let scorer = serde_json::json!({
+        "format": "nearspan-slot-scorer/1", "mean": vec![0.0; 8], "std": vec![1.0; 8], "w": vec![0.0; 8], "b": 0.0,
+        "min_logit": 100.0, "with_detector": false
+    });
+    std::fs::write(&path, scorer.to_string()).unwrap();
+    let text = "turn on the kitchen lights";
+    let with = Server::start(&index, &["--scorer", path.to_str().unwrap()]);
+    let p = &parse(&with, &[text])[0];
+    assert!(slots(p).is_empty(), "{p}");
+    assert_eq!(p["intent"]["label"], "turn_on", "the intent does not depend on the scorer: {p}");
+    drop(with);
+    let mut keep_all = scorer.clone();
+    keep_all["min_logit"] = (-100.0).into();
+    std::fs::write(&path, keep_all.to_string()).unwrap();
+    let with = Server::start(&index, &["--scorer", path.to_str().unwrap()]);
+    assert!(!slots(&parse(&with, &[text])[0]).is_empty(), "a scorer that keeps every span finds slots");
+}
