@@ -18,6 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Example;
+use crate::encoder::ops::dot;
 use crate::encoder::EncodedText;
 use crate::spans::{candidate_spans, token_range, WordSpan};
 use crate::train::rng::Rng;
@@ -79,7 +80,7 @@ pub struct FitConfig {
 
 impl Default for FitConfig {
     fn default() -> Self {
-        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 128, epochs: 4, lr: 1e-3, batch: 32, seed: 7 }
+        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 8, epochs: 4, lr: 1e-3, batch: 32, seed: 7 }
     }
 }
 
@@ -213,28 +214,14 @@ impl SpanDetector {
         if positives == 0 {
             return Err(DetectorError::NoPositives { max_width: cfg.max_width });
         }
-        let hd = cfg.hidden;
         let mut rng = Rng::new(cfg.seed);
-        let mut normal = |std: f32| {
-            // Sum of 4 uniforms: close enough to a normal for initialisation.
-            let u: f32 = (0..4).map(|_| rng.unit() - 0.5).sum();
-            u * std * 3f32.sqrt()
+        let mut det = match init {
+            Some(d) => d.clone(),
+            None => {
+                let scale = if norm_n > 0 && norm_sum > 0.0 { (norm_sum / norm_n as f64) as f32 } else { 1.0 };
+                Self::fresh(dim, scale, positives as f32 / n_spans as f32, cfg, &mut rng)
+            }
         };
-        let rate = positives as f32 / n_spans as f32;
-        let fresh = SpanDetector {
-            format: FORMAT.into(),
-            dim,
-            hidden: hd,
-            max_width: cfg.max_width,
-            scale: if norm_n > 0 && norm_sum > 0.0 { (norm_sum / norm_n as f64) as f32 } else { 1.0 },
-            w_tokens: (0..ROLES * hd * dim).map(|_| normal((1.0 / ROLES as f32).sqrt())).collect(),
-            w_width: vec![0.0; cfg.max_width * hd],
-            b_hidden: vec![0.0; hd],
-            w_out: (0..hd).map(|_| normal(1.0 / (hd as f32).sqrt())).collect(),
-            // Start at the base rate, so the first steps learn features rather than the prior.
-            b_out: (rate / (1.0 - rate)).ln(),
-        };
-        let mut det = init.cloned().unwrap_or(fresh);
         let mut adam = Adam::new(det.n_params(), cfg.lr);
         let mut order: Vec<usize> = (0..examples.len()).collect();
         let mut losses = Vec::with_capacity(cfg.epochs);
@@ -268,6 +255,30 @@ impl SpanDetector {
         }
         let report = FitReport { utterances: examples.len(), spans: n_spans, positives, loss: losses };
         Ok((det, report))
+    }
+
+    /// A detector to fit from scratch: random token weights, zero width weights, and the
+    /// output bias at the base rate of slots, so the first steps learn features rather
+    /// than the prior.
+    fn fresh(dim: usize, scale: f32, rate: f32, cfg: &FitConfig, rng: &mut Rng) -> SpanDetector {
+        let hd = cfg.hidden;
+        let mut normal = |std: f32| {
+            // Sum of 4 uniforms: close enough to a normal for initialisation.
+            let u: f32 = (0..4).map(|_| rng.unit() - 0.5).sum();
+            u * std * 3f32.sqrt()
+        };
+        SpanDetector {
+            format: FORMAT.into(),
+            dim,
+            hidden: hd,
+            max_width: cfg.max_width,
+            scale,
+            w_tokens: (0..ROLES * hd * dim).map(|_| normal((1.0 / ROLES as f32).sqrt())).collect(),
+            w_width: vec![0.0; cfg.max_width * hd],
+            b_hidden: vec![0.0; hd],
+            w_out: (0..hd).map(|_| normal(1.0 / (hd as f32).sqrt())).collect(),
+            b_out: (rate / (1.0 - rate)).ln(),
+        }
     }
 
     /// Every parameter, in the order of the gradient buffer.
@@ -400,19 +411,6 @@ impl Adam {
             *p -= self.lr * (*m / c1) / ((*v / c2).sqrt() + eps);
         }
     }
-}
-
-/// Dot product with eight running sums, so the compiler can vectorize it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
