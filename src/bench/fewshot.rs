@@ -91,7 +91,7 @@ pub struct FewshotArgs {
     /// (tab-separated: fold, episode, query, words, start, end, best label, its
     /// similarity, the second label's, the non-slot similarity, the detector's logit, the
     /// gold label or "-"; then one `GOLD` row per gold slot), for studying decision rules
-    /// outside the binary (`scripts/decision_rule_transfer.py`).
+    /// outside the binary (`benches/peers/decision_rule_transfer.py`).
     #[arg(long, value_name = "FILE", conflicts_with = "no_tune")]
     pub dump_evidence: Option<PathBuf>,
     #[command(flatten)]

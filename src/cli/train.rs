@@ -262,7 +262,8 @@ pub struct ScorerArgs {
     #[arg(long)]
     pub index: PathBuf,
     /// Labeled examples the index does not hold (retrieving an indexed example finds
-    /// itself, which teaches the scorer nothing): a JSONL file or a dataset folder.
+    /// itself, which teaches the scorer nothing; those whose text is in the index are
+    /// left out): a JSONL file or a dataset folder.
     #[arg(long)]
     pub data: PathBuf,
     /// Split of a dataset folder (default: dev).
@@ -297,15 +298,18 @@ fn scorer(a: ScorerArgs, out: &mut dyn Write) -> Result<()> {
     let mut index = super::open_index(&a.index, &encoder)?;
     a.settings.apply(&mut index);
     let build = super::build_config(&index)?;
-    let data = load_examples(&a.data, a.split.as_deref(), "dev")?;
+    let all = load_examples(&a.data, a.split.as_deref(), "dev")?;
+    // An indexed example retrieves itself (similarity 1 with its own labels), which
+    // teaches the scorer nothing true: such examples (duplicates across splits are
+    // common) are left out, and the rest must not be empty.
     let indexed: std::collections::HashSet<&str> =
         (0..index.n_examples() as u32).map(|i| index.example(nearspan_index::ExampleId(i)).text.as_str()).collect();
-    let inside = data.iter().filter(|e| indexed.contains(e.text.as_str())).count();
-    if inside > 0 {
+    let (inside, data): (Vec<Example>, Vec<Example>) = all.into_iter().partition(|e| indexed.contains(e.text.as_str()));
+    if data.is_empty() {
         bail!(
-            "{}: {inside} of its {} examples are in the index {}; fit the scorer on labeled examples the index does not hold",
+            "{}: all {} of its examples are in the index {}; fit the scorer on labeled examples the index does not hold",
             a.data.display(),
-            data.len(),
+            inside.len(),
             a.index.display()
         );
     }
@@ -340,8 +344,9 @@ fn scorer(a: ScorerArgs, out: &mut dyn Write) -> Result<()> {
     scorer.save(&a.out)?;
     writeln!(
         out,
-        "slot scorer: {} examples; slot F1 on them {:.2} (hand-set rule at the given settings: {:.2}); lowest logit {:.1}; wrote {}",
+        "slot scorer: {} examples ({} left out: their text is in the index); slot F1 on them {:.2} (hand-set rule at the given settings: {:.2}); lowest logit {:.1}; wrote {}",
         data.len(),
+        inside.len(),
         best.0,
         f1(None)?,
         scorer.min_logit,

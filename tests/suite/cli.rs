@@ -379,7 +379,7 @@ fn train_scorer_on_held_out_examples_then_eval_and_query_with_it() {
     ok(d, &["index", "build", "--examples", s(&indexed), "--out", s(&index)]);
     let scorer = d.join("scorer.json");
     let printed = ok(d, &["train", "scorer", "--index", s(&index), "--data", s(&held_out), "--out", s(&scorer)]);
-    assert!(printed.contains("slot scorer: 39 examples") && printed.contains("scorer.json"), "{printed}");
+    assert!(printed.contains("slot scorer: 39 examples (0 left out") && printed.contains("scorer.json"), "{printed}");
     let fitted = json(&std::fs::read_to_string(&scorer).unwrap());
     assert_eq!(fitted["format"], "nearspan-slot-scorer/1");
     // eval with the scorer reaches the F1 that fitting printed for the same examples.
@@ -397,9 +397,14 @@ fn train_scorer_on_held_out_examples_then_eval_and_query_with_it() {
     assert_eq!(out["slots"].as_array().unwrap().len(), 0, "{out}");
     assert_eq!(out["intent"]["label"], "turn_off", "{out}");
 
-    // Fitting on indexed examples is refused, naming the file; nothing is written.
-    let err = fails(d, &["train", "scorer", "--index", s(&index), "--data", s(&indexed), "--out", s(&d.join("y.json"))], &["indexed.jsonl", "39 of its 39 examples are in the index"]);
+    // Indexed examples are left out of fitting; with nothing else it is refused, naming
+    // the file, and nothing is written.
+    let err = fails(d, &["train", "scorer", "--index", s(&index), "--data", s(&indexed), "--out", s(&d.join("y.json"))], &["indexed.jsonl", "all 39 of its examples are in the index"]);
     assert!(!d.join("y.json").exists(), "{err}");
+    let mixed = d.join("mixed.jsonl");
+    std::fs::write(&mixed, lines.iter().take(10).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let printed = ok(d, &["train", "scorer", "--index", s(&index), "--data", s(&mixed), "--out", s(&d.join("m.json"))]);
+    assert!(printed.contains("slot scorer: 5 examples (5 left out"), "{printed}");
     fails(d, &["train", "scorer", "--index", s(&index), "--data", s(&held_out), "--scorer", s(&scorer), "--out", s(&d.join("y.json"))], &["--scorer"]);
     let broken = d.join("broken.json");
     std::fs::write(&broken, "{\"format\": \"nearspan-slot-scorer/1\"").unwrap();
