@@ -17,6 +17,9 @@
 
 use std::path::Path;
 
+use nearspan_index::SpanIndex;
+
+use crate::data::Example;
 use crate::detector::{logistic_loss, sigmoid, Adam};
 use crate::labeler::{Retrieved, SpanEvidence};
 use crate::spans::WordSpan;
@@ -84,6 +87,14 @@ pub struct Labeled<'a> {
     pub gold: Vec<(WordSpan, u32)>,
 }
 
+impl<'a> Labeled<'a> {
+    /// `gold`'s slots in the label ids of `index`, beside what was retrieved for it there.
+    pub fn new(retrieved: &'a Retrieved, gold: &Example, index: &SpanIndex) -> Self {
+        let gold = gold.spans.iter().filter_map(|s| Some((s.words(), index.label_id(&s.label)?.0))).collect();
+        Labeled { retrieved, gold }
+    }
+}
+
 /// The features of one span, `None` when it has no slot label to score.
 pub fn features(e: &SpanEvidence) -> Option<[f32; N_FEATURES]> {
     let &(_, s, _) = e.by_label.first()?;
@@ -137,12 +148,27 @@ impl SlotScorer {
         for _ in 0..cfg.epochs {
             let mut grad = s.gradient(&rows);
             // Mean loss gradient plus L2 decay (PyTorch's Adam(weight_decay) adds it the same way).
-            for (g, p) in grad.iter_mut().zip(s.params()) {
+            for (g, p) in grad.iter_mut().zip(s.w.iter().chain([&s.b])) {
                 *g += cfg.weight_decay * p;
             }
             adam.step(s.params_mut(), &grad, 1.0);
         }
         Ok(s)
+    }
+
+    /// Sets [`SlotScorer::min_logit`] to the value of [`MIN_LOGIT_GRID`] with the best
+    /// `f1` (the first on ties) and returns that F1.
+    pub fn choose_min_logit<E>(&mut self, mut f1: impl FnMut(&SlotScorer) -> Result<f64, E>) -> Result<f64, E> {
+        let mut best = (f64::NEG_INFINITY, MIN_LOGIT_GRID[0]);
+        for t in MIN_LOGIT_GRID {
+            self.min_logit = t;
+            let f = f1(self)?;
+            if f > best.0 {
+                best = (f, t);
+            }
+        }
+        self.min_logit = best.1;
+        Ok(best.0)
     }
 
     /// Reads a scorer written by [`SlotScorer::save`], naming the file and the field
@@ -191,10 +217,6 @@ impl SlotScorer {
         let n = rows.len().max(1) as f32;
         grad.iter_mut().for_each(|g| *g /= n);
         grad
-    }
-
-    fn params(&self) -> Vec<f32> {
-        self.w.iter().copied().chain(std::iter::once(self.b)).collect()
     }
 
     fn params_mut(&mut self) -> impl Iterator<Item = &mut f32> {

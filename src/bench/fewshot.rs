@@ -282,24 +282,16 @@ fn choose_on_runs(runs: &[EpisodeRun], dev: &[Episode], build: &BuildConfig, cfg
 /// Fits a [`SlotScorer`] on the dev episodes' queries and chooses its lowest logit
 /// there; returns it with its mean dev F1.
 fn fit_scorer(runs: &[EpisodeRun], dev: &[Episode], cfg: &QueryConfig, fit: &ScorerFit) -> Result<(SlotScorer, f64)> {
-    let mut data = Vec::new();
-    for (run, ep) in runs.iter().zip(dev) {
-        for (gold, r) in ep.query.iter().zip(&run.retrieved) {
-            let gold_ids = gold.spans.iter().filter_map(|s| Some((s.words(), run.index.label_id(&s.label)?.0))).collect();
-            data.push(scorer::Labeled { retrieved: r, gold: gold_ids });
-        }
-    }
+    let data: Vec<scorer::Labeled> = runs
+        .iter()
+        .zip(dev)
+        .flat_map(|(run, ep)| ep.query.iter().zip(&run.retrieved).map(|(gold, r)| scorer::Labeled::new(r, gold, &run.index)))
+        .collect();
     let mut scorer = SlotScorer::fit(&data, fit).context("fitting the slot scorer on the dev episodes")?;
-    let mut best = (f64::NEG_INFINITY, 0.0);
-    for t in scorer::MIN_LOGIT_GRID {
-        scorer.min_logit = t;
-        let f1 = mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, cfg, Some(&scorer))).collect::<Result<Vec<_>>>()?);
-        if f1 > best.0 {
-            best = (f1, t);
-        }
-    }
-    scorer.min_logit = best.1;
-    Ok((scorer, best.0))
+    let f1 = scorer.choose_min_logit(|s| -> Result<f64> {
+        Ok(mean(&runs.iter().zip(dev).map(|(r, ep)| episode_f1(r, ep, cfg, Some(s))).collect::<Result<Vec<_>>>()?))
+    })?;
+    Ok((scorer, f1))
 }
 
 /// Scores an encoder on dev episodes (settings tuned there), for early stopping.

@@ -315,14 +315,7 @@ fn scorer(a: ScorerArgs, out: &mut dyn Write) -> Result<()> {
     }
     let detector = a.settings.load_detector(&encoder)?;
     let retrieved = labeler::retrieve(&encoder, &index, &data, &build, &cfg, detector.as_ref())?;
-    let labeled: Vec<Labeled> = data
-        .iter()
-        .zip(&retrieved)
-        .map(|(ex, r)| Labeled {
-            retrieved: r,
-            gold: ex.spans.iter().filter_map(|s| Some((s.words(), index.label_id(&s.label)?.0))).collect(),
-        })
-        .collect();
+    let labeled: Vec<Labeled> = data.iter().zip(&retrieved).map(|(ex, r)| Labeled::new(r, ex, &index)).collect();
     let mut scorer = SlotScorer::fit(&labeled, &ScorerFit::default())
         .with_context(|| format!("{}: fitting the slot scorer", a.data.display()))?;
     let f1 = |scorer: Option<&SlotScorer>| -> Result<f64> {
@@ -332,15 +325,7 @@ fn scorer(a: ScorerArgs, out: &mut dyn Write) -> Result<()> {
         }
         Ok(100.0 * ev.report().micro.f1)
     };
-    let mut best = (f64::NEG_INFINITY, 0.0);
-    for t in crate::scorer::MIN_LOGIT_GRID {
-        scorer.min_logit = t;
-        let f = f1(Some(&scorer))?;
-        if f > best.0 {
-            best = (f, t);
-        }
-    }
-    scorer.min_logit = best.1;
+    let fitted_f1 = scorer.choose_min_logit(|s| f1(Some(s)))?;
     scorer.save(&a.out)?;
     let hand_set = f1(None)?;
     writeln!(
@@ -348,11 +333,11 @@ fn scorer(a: ScorerArgs, out: &mut dyn Write) -> Result<()> {
         "slot scorer: {} examples ({} left out: their text is in the index); slot F1 on them {:.2} (hand-set rule at the given settings: {hand_set:.2}); lowest logit {:.1}; wrote {}",
         data.len(),
         inside.len(),
-        best.0,
+        fitted_f1,
         scorer.min_logit,
         a.out.display()
     )?;
-    if hand_set >= best.0 {
+    if hand_set >= fitted_f1 {
         writeln!(
             out,
             "note: the hand-set rule does as well or better on these examples; the scorer has paid off where its examples and the queries come from different domains (BENCHMARKS.md)"
