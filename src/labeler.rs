@@ -316,6 +316,19 @@ pub struct SpanEvidence {
     /// The span detector's logit that this span is a slot of any label
     /// ([`crate::detector`]); `None` without a detector.
     pub slotness: Option<f32>,
+    /// The best neighbour of each label among the index's memory spans (see
+    /// [`Memory`]), best first, kept apart from `by_label` until
+    /// [`Retrieved::with_memory`] merges them; empty without a memory.
+    pub memory: Vec<(u32, f32, u32)>,
+}
+
+/// Labeled spans borrowed from other domains, searched apart from the rest of the
+/// index: the index's spans from `first_span` on. They only add slot evidence: they
+/// never crowd the index's own neighbours (non-slot spans included) out of the `k`
+/// retrieved, and their similarity is lowered by a discount when merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    pub first_span: u32,
 }
 
 /// Everything retrieved for one utterance; decoding it is cheap, so thresholds can
@@ -325,6 +338,33 @@ pub struct Retrieved {
     pub spans: Vec<SpanEvidence>,
     /// (example id, similarity), best first.
     pub utterances: Vec<(u32, f32)>,
+}
+
+impl Retrieved {
+    /// The evidence with each span's memory neighbours merged into `by_label`, their
+    /// similarity lowered by `discount`: a label's best similarity becomes the larger of
+    /// its own and its memory's. The memory lists are emptied; an infinite discount
+    /// leaves the memory out.
+    pub fn with_memory(&self, discount: f32) -> Retrieved {
+        let spans = self
+            .spans
+            .iter()
+            .map(|e| {
+                let mut by_label = e.by_label.clone();
+                for &(label, similarity, id) in e.memory.iter().filter(|_| discount.is_finite()) {
+                    let lowered = similarity - discount;
+                    match by_label.iter_mut().find(|x| x.0 == label) {
+                        Some(x) if x.1 >= lowered => {}
+                        Some(x) => *x = (label, lowered, id),
+                        None => by_label.push((label, lowered, id)),
+                    }
+                }
+                by_label.sort_by(|a, b| b.1.total_cmp(&a.1));
+                SpanEvidence { by_label, memory: Vec::new(), ..e.clone() }
+            })
+            .collect();
+        Retrieved { spans, utterances: self.utterances.clone() }
+    }
 }
 
 /// Retrieves neighbours for every candidate span of every example (one encoder pass
@@ -353,6 +393,22 @@ pub fn retrieve_encoded(
     cfg: &QueryConfig,
     detector: Option<&SpanDetector>,
 ) -> Vec<Retrieved> {
+    retrieve_with_memory(index, examples, encoded, build, cfg, detector, None)
+}
+
+/// [`retrieve_encoded`] for an index whose spans from `memory.first_span` on are a
+/// [`Memory`]: the usual search runs over the spans before it (exactly), and each
+/// candidate span's best memory neighbour per label goes to [`SpanEvidence::memory`].
+/// Utterance neighbours still come from every example.
+pub fn retrieve_with_memory(
+    index: &SpanIndex,
+    examples: &[Example],
+    encoded: &[EncodedText],
+    build: &BuildConfig,
+    cfg: &QueryConfig,
+    detector: Option<&SpanDetector>,
+    memory: Option<Memory>,
+) -> Vec<Retrieved> {
     use rayon::prelude::*;
     let o_label = index.label_id(O_LABEL).map(|l| l.0);
     let n_utterances = cfg.intent_k.max(cfg.prefilter.unwrap_or(0));
@@ -367,9 +423,10 @@ pub fn retrieve_encoded(
             let candidates = candidate_spans(ex.words.len(), build.max_width);
             let mut utterances: Vec<(u32, f32)> = utterance_hits.into_iter().map(|n| (n.id, n.similarity)).collect();
             let nearest = |m: usize| -> Vec<ExampleId> { utterances.iter().take(m).map(|&(id, _)| ExampleId(id)).collect() };
+            let mut memory_hits: Vec<Vec<nearspan_index::Neighbor>> = Vec::new();
             let (spans, hits) = match cfg.prefilter {
                 _ if candidates.is_empty() => (candidates, Vec::new()),
-                Some(m) if build.pooling == SpanPooling::StartEnd => {
+                Some(m) if build.pooling == SpanPooling::StartEnd && memory.is_none() => {
                     // Start ⊕ end vectors share their halves: score each half once.
                     let f = factored_span_vectors(enc, &ex.words, candidates);
                     let hits = index.search_spans_among_factored(&f.queries(), cfg.k, &nearest(m));
@@ -377,33 +434,46 @@ pub fn retrieve_encoded(
                 }
                 prefilter => {
                     let sv: SpanVectors = span_vectors(enc, &ex.words, candidates, build.pooling);
-                    let hits = match prefilter {
-                        Some(m) => index.search_spans_among(&sv.vectors, cfg.k, &nearest(m)),
-                        None => index.search_spans_batch(&sv.vectors, cfg.k),
+                    let hits = match (prefilter, memory) {
+                        (_, Some(m)) => {
+                            let (own, borrowed) = (0..m.first_span, m.first_span..u32::MAX);
+                            memory_hits = index.search_spans_in(&sv.vectors, cfg.k, &[borrowed]);
+                            index.search_spans_in(&sv.vectors, cfg.k, &[own])
+                        }
+                        (Some(m), None) => index.search_spans_among(&sv.vectors, cfg.k, &nearest(m)),
+                        (None, None) => index.search_spans_batch(&sv.vectors, cfg.k),
                     };
                     (sv.spans, hits)
                 }
             };
+            memory_hits.resize_with(spans.len(), Vec::new);
             utterances.truncate(cfg.intent_k);
             let slotness: Vec<Option<f32>> = match detector {
                 Some(d) => d.logits(enc, &ex.words, &spans).into_iter().map(Some).collect(),
                 None => vec![None; spans.len()],
             };
+            let best_per_label = |neighbours: Vec<nearspan_index::Neighbor>| {
+                let mut by_label: Vec<(u32, f32, u32)> = Vec::new();
+                for n in neighbours {
+                    let label = index.span(n.id).label.0;
+                    if !by_label.iter().any(|(l, _, _)| *l == label) {
+                        by_label.push((label, n.similarity, n.id));
+                    }
+                }
+                by_label
+            };
             let spans: Vec<SpanEvidence> = spans
                 .iter()
                 .zip(hits)
                 .zip(slotness)
-                .map(|((span, neighbours), slotness)| {
-                    let mut by_label: Vec<(u32, f32, u32)> = Vec::new();
-                    for n in neighbours {
-                        let label = index.span(n.id).label.0;
-                        if !by_label.iter().any(|(l, _, _)| *l == label) {
-                            by_label.push((label, n.similarity, n.id));
-                        }
-                    }
+                .zip(memory_hits)
+                .map(|(((span, neighbours), slotness), memory_neighbours)| {
+                    let mut by_label = best_per_label(neighbours);
                     let o_score = by_label.iter().find(|(l, _, _)| Some(*l) == o_label).map(|x| x.1);
                     by_label.retain(|(l, _, _)| Some(*l) != o_label);
-                    SpanEvidence { span: *span, by_label, o_score, slotness }
+                    let mut memory = best_per_label(memory_neighbours);
+                    memory.retain(|(l, _, _)| Some(*l) != o_label);
+                    SpanEvidence { span: *span, by_label, o_score, slotness, memory }
                 })
                 .collect();
             Retrieved { spans, utterances }
@@ -602,6 +672,30 @@ mod tests {
         assert_eq!(best_intent(&index, &hits[3..], IntentAggregation::Max), None);
     }
 
+    /// Memory neighbours join a span's evidence lowered by the discount: a label's
+    /// own neighbour stays when it is at least as similar, a label only the memory has
+    /// is added, the list stays best first, and an infinite discount changes nothing.
+    #[test]
+    fn memory_evidence_merges_at_its_discount() {
+        let (city, state) = (1, 2);
+        let e = SpanEvidence {
+            span: WordSpan { start: 0, end: 1 },
+            by_label: vec![(city, 0.6, 1)],
+            o_score: Some(0.5),
+            slotness: None,
+            memory: vec![(city, 0.8, 10), (state, 0.7, 11)],
+        };
+        let r = Retrieved { spans: vec![e], utterances: vec![(0, 0.9)] };
+        let merged = |d: f32| {
+            let m = r.with_memory(d);
+            assert!(m.spans[0].memory.is_empty() && m.spans[0].o_score == Some(0.5) && m.utterances == r.utterances);
+            m.spans[0].by_label.iter().map(|&(l, s, id)| (l, (s * 100.0).round() / 100.0, id)).collect::<Vec<_>>()
+        };
+        assert_eq!(merged(0.1), [(city, 0.7, 10), (state, 0.6, 11)]);
+        assert_eq!(merged(0.3), [(city, 0.6, 1), (state, 0.4, 11)]);
+        assert_eq!(merged(f32::INFINITY), [(city, 0.6, 1)]);
+    }
+
     #[test]
     fn best_intent_ties_go_to_the_first_met() {
         let index = toy_index(&[Some("b"), Some("a")]);
@@ -627,6 +721,7 @@ mod tests {
             by_label: vec![(city_id, score, 0)],
             o_score: Some(o),
             slotness: None,
+            memory: Vec::new(),
         };
         let r = Retrieved { spans: vec![evidence(0, 3, 0.80, 0.78), evidence(0, 2, 0.75, 0.40)], utterances: vec![] };
         let slots_with = |o_penalty: f32, strategy: Strategy| {
@@ -657,6 +752,7 @@ mod tests {
             by_label: vec![(city_id, score, 0)],
             o_score: Some(o),
             slotness,
+            memory: Vec::new(),
         };
         // "oslo": slot 0.70 loses to non-slot 0.75; "rome": slot 0.80 beats non-slot 0.50.
         let r = |oslo, rome| Retrieved { spans: vec![evidence(2, 0.70, 0.75, oslo), evidence(4, 0.80, 0.50, rome)], utterances: vec![] };

@@ -230,7 +230,7 @@ mod tests {
     use crate::train::rng::Rng;
 
     fn evidence(start: usize, end: usize, s: f32, o: f32, z: f32) -> SpanEvidence {
-        SpanEvidence { span: WordSpan { start, end }, by_label: vec![(1, s, 0)], o_score: Some(o), slotness: Some(z) }
+        SpanEvidence { span: WordSpan { start, end }, by_label: vec![(1, s, 0)], o_score: Some(o), slotness: Some(z), memory: Vec::new() }
     }
 
     /// Finite differences of the mean loss agree with the hand-written gradient.

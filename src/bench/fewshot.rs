@@ -94,6 +94,13 @@ pub struct FewshotArgs {
     /// outside the binary (`benches/peers/decision_rule_transfer.py`).
     #[arg(long, value_name = "FILE", conflicts_with = "no_tune")]
     pub dump_evidence: Option<PathBuf>,
+    /// A SNIPS data folder whose train split lends examples to every episode: the slot
+    /// spans of the fold's source domains (neither its target nor its dev domain) whose
+    /// label the episode's support set also has become a memory
+    /// ([`labeler::Memory`]), searched apart, their similarity lowered by a discount
+    /// chosen on the dev domain (where "no memory" is one of the choices).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_tune")]
+    pub source_memory: Option<PathBuf>,
     #[command(flatten)]
     pub build: BuildArgs,
     #[command(flatten)]
@@ -110,6 +117,11 @@ const PENALTY_GRID: [f32; 3] = [0.0, 0.5, 1.0];
 
 /// Span-detector weights tried on the dev domain (with `--detector`).
 const DETECTOR_GRID: [f32; 5] = [0.0, 0.1, 0.2, 0.4, 0.8];
+
+/// Discounts of memory similarities tried on the dev domain (with `--source-memory`);
+/// infinity leaves the memory out. Ties go to the first, so a dev domain that shares no
+/// label with the source domains (where every discount scores the same) keeps none.
+const MEMORY_DISCOUNT_GRID: [f32; 5] = [f32::INFINITY, 0.2, 0.1, 0.05, 0.0];
 
 /// Encodes every distinct text once, however many episodes and folds reuse it (each
 /// file serves as target of one fold and dev of another; all of them fit in memory).
@@ -179,25 +191,67 @@ impl EncodingCache<'_> {
     fn get(&self, examples: &[Example]) -> Vec<EncodedText> {
         examples.iter().map(|e| self.map[&e.text].clone()).collect()
     }
+
+    /// Encodes the examples not encoded yet.
+    fn fill_examples(&mut self, examples: &[Example]) -> Result<()> {
+        self.fill(&[Episode { support: examples.to_vec(), query: Vec::new() }])
+    }
 }
 
 /// Retrieval results of one episode's queries against its support set.
 struct EpisodeRun {
     index: SpanIndex,
     retrieved: Vec<Retrieved>,
+    /// With a source memory: the evidence before merging, kept so that the discount can
+    /// be swept.
+    unmerged: Option<Vec<Retrieved>>,
 }
 
-fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &QueryConfig) -> Result<EpisodeRun> {
+impl EpisodeRun {
+    /// Merges the memory at `discount` (infinity: leaves it out); no-op without one.
+    fn set_memory_discount(&mut self, discount: f32) {
+        if let Some(raw) = &self.unmerged {
+            self.retrieved = raw.iter().map(|r| r.with_memory(discount)).collect();
+        }
+    }
+}
+
+/// The source examples an episode borrows: those with a slot of a label its support set
+/// has, only those slots kept.
+fn memory_for(ep: &Episode, pool: &[Example]) -> Vec<Example> {
+    let labels: std::collections::HashSet<&str> = ep.support.iter().flat_map(|e| e.spans.iter().map(|s| s.label.as_str())).collect();
+    pool.iter()
+        .filter_map(|ex| {
+            let spans: Vec<_> = ex.spans.iter().filter(|s| labels.contains(s.label.as_str())).cloned().collect();
+            (!spans.is_empty()).then(|| Example { spans, ..ex.clone() })
+        })
+        .collect()
+}
+
+fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &QueryConfig, pool: Option<&[Example]>) -> Result<EpisodeRun> {
     let info = labeler::encoder_info(cache.encoder, build);
     let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default())?;
     labeler::add_encoded(&mut index, &ep.support, &cache.get(&ep.support), build)?;
+    let memory = match pool {
+        Some(pool) => {
+            let first_span = index.n_spans() as u32;
+            let borrowed = memory_for(ep, pool);
+            let slots_only = BuildConfig { index_o_spans: false, ..*build };
+            labeler::add_encoded(&mut index, &borrowed, &cache.get(&borrowed), &slots_only)?;
+            Some(labeler::Memory { first_span })
+        }
+        None => None,
+    };
     let encoded = cache.get(&ep.query);
     let detector = cache.slotness.for_episode(ep, &cache.get(&ep.support))?;
-    let mut retrieved = labeler::retrieve_encoded(&index, &ep.query, &encoded, build, cfg, detector.as_deref());
+    let mut retrieved = labeler::retrieve_with_memory(&index, &ep.query, &encoded, build, cfg, detector.as_deref(), memory);
     if cache.slotness.oracle {
         Slotness::add_oracle(ep, &mut retrieved);
     }
-    Ok(EpisodeRun { index, retrieved })
+    let unmerged = memory.map(|_| std::mem::take(&mut retrieved));
+    let mut run = EpisodeRun { index, retrieved, unmerged };
+    run.set_memory_discount(f32::INFINITY);
+    Ok(run)
 }
 
 /// Scores one episode's queries at `cfg`'s settings, or with a fitted scorer.
@@ -240,16 +294,16 @@ pub(crate) struct DevChoice {
 }
 
 /// Retrieval for every dev episode (decoding them is cheap, so settings are swept after).
-fn dev_runs(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<Vec<EpisodeRun>> {
+fn dev_runs(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig, pool: Option<&[Example]>) -> Result<Vec<EpisodeRun>> {
     cache.fill(dev)?;
-    dev.iter().map(|ep| run_episode(cache, ep, build, cfg)).collect()
+    dev.iter().map(|ep| run_episode(cache, ep, build, cfg, pool)).collect()
 }
 
 /// Grid-searches the threshold (and the non-slot margin and penalty, when `O` spans are
 /// indexed) on dev episodes; the mean per-episode F1 of the best setting also scores a checkpoint
 /// during training.
 fn tune_on_dev(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig) -> Result<DevChoice> {
-    let runs = dev_runs(cache, dev, build, cfg)?;
+    let runs = dev_runs(cache, dev, build, cfg, None)?;
     choose_on_runs(&runs, dev, build, cfg, cache.slotness.is_some())
 }
 
@@ -374,6 +428,10 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
     let mut errors = serde_json::Map::new();
     let mut f1s = Vec::new();
     check_folds(&a.folds)?;
+    let source_pool: Option<Vec<Example>> = match &a.source_memory {
+        Some(dir) => Some(crate::cli::load_examples(dir, Some("train"), "train").context("--source-memory")?),
+        None => None,
+    };
     for &fold in &a.folds {
         let fold_encoder = match &a.fold_models {
             Some(pattern) => {
@@ -399,12 +457,33 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         let dev_fold = fold % 7 + 1;
         let mut target = load_domain(&a.data, a.shots, fold)?;
         target.truncate(a.episodes.unwrap_or(usize::MAX));
+        let pool: Option<Vec<Example>> = source_pool.as_ref().map(|all| {
+            let left_out = [DOMAINS[fold - 1], DOMAINS[dev_fold - 1]];
+            all.iter().filter(|e| !left_out.contains(&e.intent.as_deref().unwrap_or(""))).cloned().collect()
+        });
+        if let Some(pool) = &pool {
+            cache.fill_examples(pool)?;
+        }
+        let pool = pool.as_deref();
         let mut cfg = base_cfg;
         let mut dev_f1 = f64::NAN;
         let mut fitted: Option<(SlotScorer, f64)> = None;
+        let mut memory_discount = f32::INFINITY;
         if !a.no_tune {
             let dev = dev_window(load_domain(&a.data, a.shots, dev_fold)?, a.dev_skip, a.dev_episodes)?;
-            let runs = dev_runs(cache, &dev, &build, &cfg)?;
+            let mut runs = dev_runs(cache, &dev, &build, &cfg, pool)?;
+            if pool.is_some() {
+                let mut best = f64::NEG_INFINITY;
+                for d in MEMORY_DISCOUNT_GRID {
+                    runs.iter_mut().for_each(|r| r.set_memory_discount(d));
+                    let f1 = choose_on_runs(&runs, &dev, &build, &cfg, cache.slotness.is_some())?.f1;
+                    writeln!(out, "{:<22}   dev {}: memory discount {d}: F1 {f1:.2}", "", DOMAINS[dev_fold - 1])?;
+                    if f1 > best {
+                        (best, memory_discount) = (f1, d);
+                    }
+                }
+                runs.iter_mut().for_each(|r| r.set_memory_discount(memory_discount));
+            }
             if let Some(path) = &a.dump_evidence {
                 dump_evidence(path, fold, &runs, &dev).with_context(|| format!("{}: writing the evidence", path.display()))?;
             }
@@ -419,7 +498,11 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         cache.fill(&target)?;
         let reports: Vec<EvalReport> = target
             .iter()
-            .map(|ep| episode_report(&run_episode(cache, ep, &build, &cfg)?, ep, &cfg, scorer))
+            .map(|ep| {
+                let mut run = run_episode(cache, ep, &build, &cfg, pool)?;
+                run.set_memory_discount(memory_discount);
+                episode_report(&run, ep, &cfg, scorer)
+            })
             .collect::<Result<_>>()?;
         let scores: Vec<f64> = reports.iter().map(|r| 100.0 * r.micro.f1).collect();
         if fold_encoder.is_none() {
@@ -440,6 +523,11 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         )?;
         per_domain.insert(domain.into(), serde_json::json!((f1 * 100.0).round() / 100.0));
         let mut chosen = serde_json::json!({"threshold": cfg.threshold, "o_margin": cfg.o_margin, "o_penalty": cfg.o_penalty, "detector_weight": cfg.detector_weight, "dev_f1": dev_f1});
+        if pool.is_some() {
+            // JSON has no infinity: "no memory" is null.
+            chosen["memory_discount"] = serde_json::json!(memory_discount.is_finite().then_some(memory_discount));
+            writeln!(out, "{:<22}   source memory discount chosen on dev: {memory_discount}", "")?;
+        }
         if let Some((s, f1)) = &fitted {
             writeln!(out, "{:<22}   decided by the slot scorer fitted on dev: F1 {f1:.2} there at lowest logit {:.1}", "", s.min_logit)?;
             chosen["scorer"] = serde_json::json!({"weights": s.w, "bias": s.b, "min_logit": s.min_logit, "dev_f1": f1});
@@ -462,6 +550,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             "model": model_name, "pooling": build.pooling.name(), "max_width": build.max_width,
             "o_spans": build.index_o_spans, "k": base_cfg.k, "decoder": format!("{:?}", base_cfg.strategy),
             "tuned": !a.no_tune, "detector": a.settings.detector, "detector_adapt_epochs": a.detector_adapt, "oracle_detector": a.oracle_detector, "scorer": a.fit_scorer,
+            "source_memory": a.source_memory,
         },
         "seconds": started.elapsed().as_secs_f64().round(),
     });

@@ -450,6 +450,49 @@ fn bench_fewshot_fits_a_scorer_on_dev_and_dumps_the_evidence() {
     fails(d, &no_tune, &["--no-tune"]);
 }
 
+/// `bench fewshot --source-memory` on fold 7 (target SearchCreativeWork, dev
+/// GetWeather) with a small SNIPS-format folder of BookRestaurant examples, whose city,
+/// state and country slots the dev domain shares: each discount's dev F1 is printed, the
+/// memory changes it, "no memory" (infinite discount) gives exactly the F1 of a run
+/// without one, and the choice is recorded.
+#[test]
+fn bench_fewshot_source_memory_is_searched_apart_and_chosen_on_dev() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train = shared("snips/train");
+    let read = |f: &str| std::fs::read_to_string(train.join(f)).unwrap();
+    let (words, tags, intents) = (read("seq.in"), read("seq.out"), read("label"));
+    let mut rows: Vec<(&str, &str, &str)> = Vec::new();
+    for ((w, t), i) in words.lines().zip(tags.lines()).zip(intents.lines()) {
+        if i.trim() == "BookRestaurant" && t.contains("city") && rows.len() < 40 {
+            rows.push((w, t, i));
+        }
+    }
+    let memory = d.join("memory");
+    std::fs::create_dir_all(memory.join("train")).unwrap();
+    for (file, col) in [("seq.in", 0), ("seq.out", 1), ("label", 2)] {
+        let text: String = rows.iter().map(|r| format!("{}\n", [r.0, r.1, r.2][col])).collect();
+        std::fs::write(memory.join("train").join(file), text).unwrap();
+    }
+    let results = d.join("r.json");
+    let data = shared("snips_fewshot");
+    let args = ["bench", "fewshot", "--data", s(&data), "--shots", "5", "--folds", "7", "--episodes", "1", "--dev-episodes", "3", "--out", s(&results)];
+    let dev_f1 = |printed: &str, what: &str| -> f64 {
+        let line = printed.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no {what:?} in {printed}"));
+        line.rsplit("F1 ").next().unwrap().split([' ', ',']).next().unwrap().parse().unwrap()
+    };
+    let without = ok(d, &args);
+    let mut with = args.to_vec();
+    with.extend(["--source-memory", s(&memory), "--key", "m"]);
+    let printed = ok(d, &with);
+    let plain = dev_f1(&without, "on dev GetWeather: F1");
+    assert_eq!(dev_f1(&printed, "memory discount inf: F1"), plain, "{printed}");
+    assert_ne!(dev_f1(&printed, "memory discount 0: F1"), plain, "the memory should change the evidence: {printed}");
+    let r = json(&std::fs::read_to_string(&results).unwrap());
+    let chosen = &r["m"]["5shot"]["chosen_on_dev"]["SearchCreativeWork"];
+    assert!(chosen.get("memory_discount").is_some(), "{r}");
+}
+
 #[test]
 fn train_detector_then_query_and_eval_with_it() {
     let dir = tempfile::tempdir().unwrap();
