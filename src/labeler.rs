@@ -341,17 +341,19 @@ pub struct Retrieved {
 }
 
 impl Retrieved {
-    /// The evidence with each span's memory neighbours merged into `by_label`, their
-    /// similarity lowered by `discount`: a label's best similarity becomes the larger of
-    /// its own and its memory's. The memory lists are emptied; an infinite discount
-    /// leaves the memory out.
+    /// The evidence with each span's best memory neighbour merged into `by_label`, its
+    /// similarity lowered by `discount`: its label's best similarity becomes the larger
+    /// of its own and the memory's. Only the best one joins, so that the memory can
+    /// change which label wins but adds no runners-up (the slot scorer reads how far the
+    /// second label is behind). The memory lists are emptied; an infinite discount leaves
+    /// the memory out.
     pub fn with_memory(&self, discount: f32) -> Retrieved {
         let spans = self
             .spans
             .iter()
             .map(|e| {
                 let mut by_label = e.by_label.clone();
-                for &(label, similarity, id) in e.memory.iter().filter(|_| discount.is_finite()) {
+                for &(label, similarity, id) in e.memory.iter().take(1).filter(|_| discount.is_finite()) {
                     let lowered = similarity - discount;
                     match by_label.iter_mut().find(|x| x.0 == label) {
                         Some(x) if x.1 >= lowered => {}
@@ -672,28 +674,32 @@ mod tests {
         assert_eq!(best_intent(&index, &hits[3..], IntentAggregation::Max), None);
     }
 
-    /// Memory neighbours join a span's evidence lowered by the discount: a label's
-    /// own neighbour stays when it is at least as similar, a label only the memory has
-    /// is added, the list stays best first, and an infinite discount changes nothing.
+    /// The best memory neighbour joins a span's evidence lowered by the discount: the
+    /// label's own neighbour stays when it is at least as similar, a label only the
+    /// memory has is added, the list stays best first, the memory's runners-up stay out,
+    /// and an infinite discount changes nothing.
     #[test]
     fn memory_evidence_merges_at_its_discount() {
-        let (city, state) = (1, 2);
-        let e = SpanEvidence {
+        let (city, state, country) = (1, 2, 3);
+        let evidence = |memory: Vec<(u32, f32, u32)>| SpanEvidence {
             span: WordSpan { start: 0, end: 1 },
-            by_label: vec![(city, 0.6, 1)],
+            by_label: vec![(city, 0.6, 1), (country, 0.3, 2)],
             o_score: Some(0.5),
             slotness: None,
-            memory: vec![(city, 0.8, 10), (state, 0.7, 11)],
+            memory,
         };
-        let r = Retrieved { spans: vec![e], utterances: vec![(0, 0.9)] };
-        let merged = |d: f32| {
+        let merged = |memory: Vec<(u32, f32, u32)>, d: f32| {
+            let r = Retrieved { spans: vec![evidence(memory)], utterances: vec![(0, 0.9)] };
             let m = r.with_memory(d);
             assert!(m.spans[0].memory.is_empty() && m.spans[0].o_score == Some(0.5) && m.utterances == r.utterances);
             m.spans[0].by_label.iter().map(|&(l, s, id)| (l, (s * 100.0).round() / 100.0, id)).collect::<Vec<_>>()
         };
-        assert_eq!(merged(0.1), [(city, 0.7, 10), (state, 0.6, 11)]);
-        assert_eq!(merged(0.3), [(city, 0.6, 1), (state, 0.4, 11)]);
-        assert_eq!(merged(f32::INFINITY), [(city, 0.6, 1)]);
+        let memory = vec![(city, 0.8, 10), (state, 0.7, 11)];
+        assert_eq!(merged(memory.clone(), 0.1), [(city, 0.7, 10), (country, 0.3, 2)]);
+        assert_eq!(merged(memory.clone(), 0.3), [(city, 0.6, 1), (country, 0.3, 2)]);
+        assert_eq!(merged(memory.clone(), f32::INFINITY), [(city, 0.6, 1), (country, 0.3, 2)]);
+        assert_eq!(merged(vec![(state, 0.75, 11)], 0.05), [(state, 0.7, 11), (city, 0.6, 1), (country, 0.3, 2)]);
+        assert_eq!(merged(vec![(country, 0.5, 12)], 0.1), [(city, 0.6, 1), (country, 0.4, 12)]);
     }
 
     #[test]
