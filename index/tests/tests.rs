@@ -758,3 +758,21 @@ mod compat {
         assert!(committed.len() < 4096, "fixture is {} bytes", committed.len());
     }
 }
+
+/// A query's neighbours and similarities do not depend on the batch it comes in (the
+/// server batches requests): alone, repeated, or among 70 others, bit for bit.
+#[test]
+fn exact_search_is_the_same_alone_and_in_any_batch() {
+    let mut rng = seeded("exact_search_batch_invariance");
+    let dim = 384usize;
+    let index = build(BackendKind::Exact, 3000, dim as u32, &mut rng);
+    let queries = clustered(70, dim, 20, 0.7, &mut rng);
+    let batch = index.search_spans_batch(&queries, 7);
+    for (qi, q) in queries.chunks_exact(dim).enumerate().step_by(7) {
+        assert_eq!(index.search_spans(q, 7), batch[qi], "alone, query {qi}");
+        for m in [2usize, 3, 5, 8, 17] {
+            let repeated: Vec<f32> = (0..m).flat_map(|_| q.iter().copied()).collect();
+            assert_eq!(index.search_spans_batch(&repeated, 7)[m - 1], batch[qi], "{m} copies, query {qi}");
+        }
+    }
+}

@@ -1,25 +1,32 @@
 //! Brute-force search: every query is scored against every row.
 //!
-//! The rows live in one contiguous row-major `Vec<f32>`. Queries are taken in blocks of
-//! [`QUERY_BLOCK`], rows in sub-blocks of [`ROW_BLOCK`] (≈200 KB at 384 dims, so a
-//! sub-block stays in L2 while all queries of the block pass over it). The inner kernel
-//! scores 4 queries against 2 rows at once with 8 accumulators of 8 lanes: AVX2 + FMA
-//! intrinsics when the CPU has them (runtime-detected), else a portable version that
-//! LLVM vectorizes for the baseline target. Work is split over
-//! (query block × row chunk) pairs with rayon, so one query still uses every core.
-//! Each task keeps a bounded heap per query; heaps are merged at the end.
+//! The rows live in one contiguous row-major `Vec<f32>`. A batch of queries
+//! ([`exact_search`]) is scored by blocked matrix products (the `gemm` crate, which packs
+//! both operands for its register tiles and keeps them in cache), [`GEMM_QUERY_BLOCK`]
+//! queries against [`GEMM_ROW_BLOCK`] rows at a time, then one pass over each block of
+//! scores keeps the top `k`. Searching a few runs of rows ([`exact_search_ranges`], the
+//! two-stage search) scans them with small kernels instead: queries in groups of 4
+//! against rows in sub-blocks of [`ROW_BLOCK`] (≈200 KB at 384 dims, so a sub-block
+//! stays in L2 while the queries pass over it), 4 queries × 2 rows at once with 8
+//! accumulators of 8 (AVX2) or 16 (AVX-512) lanes, intrinsics when the CPU has them
+//! (runtime-detected), else a portable version that LLVM vectorizes for the baseline
+//! target. Work is split over (query block × row chunk) pairs with rayon, so one query
+//! still uses every core. Each task keeps a bounded heap per query; heaps are merged at
+//! the end.
 
 use rayon::prelude::*;
 
 use super::{run_parts, AnnBackend, TopK, Vectors, PARALLEL_MIN_WORK};
 use crate::{BackendKind, IndexError, Neighbor};
 
-/// Queries per block.
-pub const QUERY_BLOCK: usize = 16;
-/// Rows per cache block.
+/// Rows per cache block of the scanning kernels.
 pub const ROW_BLOCK: usize = 128;
 /// Smallest row chunk handed to one rayon task.
 const MIN_CHUNK_ROWS: usize = 2048;
+/// Queries per matrix product.
+pub const GEMM_QUERY_BLOCK: usize = 64;
+/// Rows per matrix product: the scores of one block (64 × 512 floats, 128 KB) stay in L2.
+pub const GEMM_ROW_BLOCK: usize = 512;
 
 /// The exact backend. It holds no state: it scans the caller's [`Vectors`].
 #[derive(Debug, Default, Clone)]
@@ -54,8 +61,16 @@ pub fn exact_search(data: &[f32], dim: usize, queries: &[f32], k: usize) -> Vec<
     if nq == 0 {
         return Vec::new();
     }
+    if nq == 1 {
+        // `gemm` takes another path for a single row, whose sums round differently; as
+        // two rows, a query scores bit for bit as it does in any batch.
+        let mut out = exact_search(data, dim, &[queries, queries].concat(), k);
+        out.truncate(1);
+        return out;
+    }
     let k = k.min(n);
-    let q_blocks = nq.div_ceil(QUERY_BLOCK);
+    let query_block = GEMM_QUERY_BLOCK;
+    let q_blocks = nq.div_ceil(query_block);
     let threads = rayon::current_num_threads().max(1);
     let row_chunks = if n * dim * nq < PARALLEL_MIN_WORK {
         1
@@ -66,11 +81,11 @@ pub fn exact_search(data: &[f32], dim: usize, queries: &[f32], k: usize) -> Vec<
     let tasks: Vec<(usize, usize)> =
         (0..q_blocks).flat_map(|b| (0..row_chunks).map(move |c| (b, c))).collect();
     let run = |&(b, c): &(usize, usize)| {
-        let q0 = b * QUERY_BLOCK;
-        let q1 = (q0 + QUERY_BLOCK).min(nq);
+        let q0 = b * query_block;
+        let q1 = (q0 + query_block).min(nq);
         let r0 = (c * chunk_rows).min(n);
         let r1 = (r0 + chunk_rows).min(n);
-        scan_rows(&queries[q0 * dim..q1 * dim], data, dim, r0, r1, k)
+        product_scan_rows(&queries[q0 * dim..q1 * dim], data, dim, r0, r1, k)
     };
     let partial: Vec<Vec<TopK>> = if tasks.len() == 1 {
         tasks.iter().map(run).collect()
@@ -80,7 +95,7 @@ pub fn exact_search(data: &[f32], dim: usize, queries: &[f32], k: usize) -> Vec<
     let mut out: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
     for (&(b, _), tops) in tasks.iter().zip(partial) {
         for (j, t) in tops.into_iter().enumerate() {
-            out[b * QUERY_BLOCK + j].merge(t);
+            out[b * query_block + j].merge(t);
         }
     }
     out.into_iter().map(TopK::into_sorted).collect()
@@ -315,10 +330,51 @@ fn products_impl<K: Kernels>(queries: &[f32], rows: &[f32], width: usize, out: &
     }
 }
 
-/// Score `queries` against rows `r0..r1`, keeping the top `k` per query.
-fn scan_rows(queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize, k: usize) -> Vec<TopK> {
-    let mut tops: Vec<TopK> = (0..queries.len() / dim).map(|_| TopK::new(k)).collect();
-    scan(&mut tops, queries, data, dim, r0, r1);
+/// The top `k` of rows `r0..r1` for each query, by matrix products: the scores of the queries against
+/// [`GEMM_ROW_BLOCK`] rows at a time, then one pass over them that skips a query's run of
+/// 16 scores when none reaches its heap's floor.
+fn product_scan_rows(queries: &[f32], data: &[f32], dim: usize, r0: usize, r1: usize, k: usize) -> Vec<TopK> {
+    let m = queries.len() / dim;
+    let mut tops: Vec<TopK> = (0..m).map(|_| TopK::new(k)).collect();
+    let mut scores = vec![0f32; m * GEMM_ROW_BLOCK];
+    let mut s = r0;
+    while s < r1 {
+        let e = (s + GEMM_ROW_BLOCK).min(r1);
+        let nr = e - s;
+        let rows = &data[s * dim..e * dim];
+        let out = &mut scores[..m * nr];
+        assert!(queries.len() == m * dim && rows.len() == nr * dim && out.len() == m * nr);
+        // SAFETY: out is m × nr row-major (strides nr, 1); queries m × dim (dim, 1); the
+        // rows read as dim × nr (strides 1, dim): every index reached lies inside its
+        // slice (lengths asserted above), and `out` is a unique borrow, so it overlaps
+        // neither operand.
+        unsafe {
+            gemm::gemm(
+                m, nr, dim,
+                out.as_mut_ptr(), 1, nr as isize, false,
+                queries.as_ptr(), 1, dim as isize,
+                rows.as_ptr(), dim as isize, 1,
+                0.0, 1.0, // out = queries · rowsᵀ (out is not read)
+                false, false, false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (top, row) in tops.iter_mut().zip(out.chunks_exact(nr)) {
+            for (c, run) in row.chunks(16).enumerate() {
+                let floor = top.floor;
+                let mut any = false;
+                for &x in run {
+                    any |= x >= floor;
+                }
+                if any {
+                    for (j, &x) in run.iter().enumerate() {
+                        top.push(x, (s + c * 16 + j) as u32);
+                    }
+                }
+            }
+        }
+        s = e;
+    }
     tops
 }
 
