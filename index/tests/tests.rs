@@ -107,7 +107,12 @@ mod exact {
             naive.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             let got = index.search_spans(q, 7);
             assert_eq!(got.len(), 7);
-            assert_eq!(got, batch[qi], "batch and single search differ for query {qi}");
+            // A batch this size is scored by matrix products, a single query by the
+            // scanning kernels: the same neighbours, similarities equal up to rounding.
+            assert_eq!(got.iter().map(|n| n.id).collect::<Vec<_>>(), batch[qi].iter().map(|n| n.id).collect::<Vec<_>>(), "query {qi}");
+            for (a, b) in got.iter().zip(&batch[qi]) {
+                assert!((a.similarity - b.similarity).abs() < 1e-6, "query {qi}: {a:?} alone, {b:?} in the batch");
+            }
             for (g, w) in got.iter().zip(&naive) {
                 assert!((g.similarity - w.1).abs() < 1e-5, "query {qi}: {g:?} vs {w:?}");
             }
@@ -760,19 +765,33 @@ mod compat {
 }
 
 /// A query's neighbours and similarities do not depend on the batch it comes in (the
-/// server batches requests): alone, repeated, or among 70 others, bit for bit.
+/// server batches requests), bit for bit, among batches scored the same way: alone or
+/// with fewer than `GEMM_MIN_QUERIES` others (the scanning kernels), or in any larger
+/// batch (matrix products), whichever block of the batch it falls in.
 #[test]
-fn exact_search_is_the_same_alone_and_in_any_batch() {
+fn exact_search_is_the_same_in_any_batch_of_a_kind() {
+    use nearspan_index::backend::exact::{GEMM_MIN_QUERIES, GEMM_QUERY_BLOCK};
     let mut rng = seeded("exact_search_batch_invariance");
     let dim = 384usize;
     let index = build(BackendKind::Exact, 3000, dim as u32, &mut rng);
-    let queries = clustered(70, dim, 20, 0.7, &mut rng);
-    let batch = index.search_spans_batch(&queries, 7);
-    for (qi, q) in queries.chunks_exact(dim).enumerate().step_by(7) {
-        assert_eq!(index.search_spans(q, 7), batch[qi], "alone, query {qi}");
-        for m in [2usize, 3, 5, 8, 17] {
+    // One more than a whole block: the last block holds a single query.
+    let n = GEMM_QUERY_BLOCK + 1;
+    let queries = clustered(n, dim, 20, 0.7, &mut rng);
+    let big = index.search_spans_batch(&queries, 7);
+    let small = index.search_spans_batch(&queries[..(GEMM_MIN_QUERIES - 1) * dim], 7);
+    for qi in (0..n).step_by(5).chain([n - 1]) {
+        let q = &queries[qi * dim..(qi + 1) * dim];
+        let alone = index.search_spans(q, 7);
+        if qi < GEMM_MIN_QUERIES - 1 {
+            assert_eq!(alone, small[qi], "alone and in a small batch, query {qi}");
+        }
+        for m in [2, GEMM_MIN_QUERIES - 1] {
             let repeated: Vec<f32> = (0..m).flat_map(|_| q.iter().copied()).collect();
-            assert_eq!(index.search_spans_batch(&repeated, 7)[m - 1], batch[qi], "{m} copies, query {qi}");
+            assert_eq!(index.search_spans_batch(&repeated, 7)[m - 1], alone, "{m} copies, query {qi}");
+        }
+        for m in [GEMM_MIN_QUERIES, 17] {
+            let repeated: Vec<f32> = (0..m).flat_map(|_| q.iter().copied()).collect();
+            assert_eq!(index.search_spans_batch(&repeated, 7)[m - 1], big[qi], "{m} copies, query {qi}");
         }
     }
 }
