@@ -399,9 +399,10 @@ pub fn retrieve_encoded(
 }
 
 /// [`retrieve_encoded`] for an index whose spans from `memory.first_span` on are a
-/// [`Memory`]: the usual search runs over the spans before it (exactly), and each
-/// candidate span's best memory neighbour per label goes to [`SpanEvidence::memory`].
-/// Utterance neighbours still come from every example.
+/// [`Memory`]: the usual search runs over the spans before it (exactly, every one of
+/// them: `cfg.prefilter` is not applied), and each candidate span's best memory
+/// neighbour per label goes to [`SpanEvidence::memory`]. Utterance neighbours still come
+/// from every example.
 pub fn retrieve_with_memory(
     index: &SpanIndex,
     examples: &[Example],
