@@ -449,7 +449,6 @@ pub fn retrieve_with_memory(
                     (sv.spans, hits)
                 }
             };
-            memory_hits.resize_with(spans.len(), Vec::new);
             utterances.truncate(cfg.intent_k);
             let slotness: Vec<Option<f32>> = match detector {
                 Some(d) => d.logits(enc, &ex.words, &spans).into_iter().map(Some).collect(),
@@ -469,7 +468,7 @@ pub fn retrieve_with_memory(
                 .iter()
                 .zip(hits)
                 .zip(slotness)
-                .zip(memory_hits)
+                .zip(memory_hits.into_iter().chain(std::iter::repeat_with(Vec::new)))
                 .map(|(((span, neighbours), slotness), memory_neighbours)| {
                     let mut by_label = best_per_label(neighbours);
                     let o_score = by_label.iter().find(|(l, _, _)| Some(*l) == o_label).map(|x| x.1);

@@ -172,13 +172,16 @@ impl Slotness<'_> {
 
 impl EncodingCache<'_> {
     fn fill(&mut self, episodes: &[Episode]) -> Result<()> {
+        self.fill_examples(episodes.iter().flat_map(|ep| ep.support.iter().chain(&ep.query)))
+    }
+
+    /// Encodes the examples not encoded yet.
+    fn fill_examples<'e>(&mut self, examples: impl IntoIterator<Item = &'e Example>) -> Result<()> {
         let mut seen = std::collections::HashSet::new();
         let mut todo: Vec<&str> = Vec::new();
-        for ep in episodes {
-            for ex in ep.support.iter().chain(&ep.query) {
-                if !self.map.contains_key(&ex.text) && seen.insert(ex.text.as_str()) {
-                    todo.push(&ex.text);
-                }
+        for ex in examples {
+            if !self.map.contains_key(&ex.text) && seen.insert(ex.text.as_str()) {
+                todo.push(&ex.text);
             }
         }
         let encoded = self.encoder.encode(&todo, self.batch_size)?;
@@ -190,11 +193,6 @@ impl EncodingCache<'_> {
 
     fn get(&self, examples: &[Example]) -> Vec<EncodedText> {
         examples.iter().map(|e| self.map[&e.text].clone()).collect()
-    }
-
-    /// Encodes the examples not encoded yet.
-    fn fill_examples(&mut self, examples: &[Example]) -> Result<()> {
-        self.fill(&[Episode { support: examples.to_vec(), query: Vec::new() }])
     }
 }
 
@@ -218,17 +216,25 @@ impl EpisodeRun {
 
 /// The source examples an episode borrows: those with a slot of a label its support set
 /// has, only those slots kept.
-fn memory_for(ep: &Episode, pool: &[Example]) -> Vec<Example> {
+fn memory_for(ep: &Episode, pool: &[&Example]) -> Vec<Example> {
     let labels: std::collections::HashSet<&str> = ep.support.iter().flat_map(|e| e.spans.iter().map(|s| s.label.as_str())).collect();
     pool.iter()
         .filter_map(|ex| {
             let spans: Vec<_> = ex.spans.iter().filter(|s| labels.contains(s.label.as_str())).cloned().collect();
-            (!spans.is_empty()).then(|| Example { spans, ..ex.clone() })
+            (!spans.is_empty()).then(|| Example { text: ex.text.clone(), words: ex.words.clone(), intent: ex.intent.clone(), spans })
         })
         .collect()
 }
 
-fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &QueryConfig, pool: Option<&[Example]>) -> Result<EpisodeRun> {
+/// Retrieval for one episode; with a source `pool`, its memory merged at `discount`.
+fn run_episode(
+    cache: &EncodingCache,
+    ep: &Episode,
+    build: &BuildConfig,
+    cfg: &QueryConfig,
+    pool: Option<&[&Example]>,
+    discount: f32,
+) -> Result<EpisodeRun> {
     let info = labeler::encoder_info(cache.encoder, build);
     let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default())?;
     labeler::add_encoded(&mut index, &ep.support, &cache.get(&ep.support), build)?;
@@ -250,7 +256,7 @@ fn run_episode(cache: &EncodingCache, ep: &Episode, build: &BuildConfig, cfg: &Q
     }
     let unmerged = memory.map(|_| std::mem::take(&mut retrieved));
     let mut run = EpisodeRun { index, retrieved, unmerged };
-    run.set_memory_discount(f32::INFINITY);
+    run.set_memory_discount(discount);
     Ok(run)
 }
 
@@ -294,9 +300,10 @@ pub(crate) struct DevChoice {
 }
 
 /// Retrieval for every dev episode (decoding them is cheap, so settings are swept after).
-fn dev_runs(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig, pool: Option<&[Example]>) -> Result<Vec<EpisodeRun>> {
+/// With a source `pool`, the memory is left out until a discount is set.
+fn dev_runs(cache: &mut EncodingCache, dev: &[Episode], build: &BuildConfig, cfg: &QueryConfig, pool: Option<&[&Example]>) -> Result<Vec<EpisodeRun>> {
     cache.fill(dev)?;
-    dev.iter().map(|ep| run_episode(cache, ep, build, cfg, pool)).collect()
+    dev.iter().map(|ep| run_episode(cache, ep, build, cfg, pool, f32::INFINITY)).collect()
 }
 
 /// Grid-searches the threshold (and the non-slot margin and penalty, when `O` spans are
@@ -457,12 +464,12 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         let dev_fold = fold % 7 + 1;
         let mut target = load_domain(&a.data, a.shots, fold)?;
         target.truncate(a.episodes.unwrap_or(usize::MAX));
-        let pool: Option<Vec<Example>> = source_pool.as_ref().map(|all| {
+        let pool: Option<Vec<&Example>> = source_pool.as_ref().map(|all| {
             let left_out = [DOMAINS[fold - 1], DOMAINS[dev_fold - 1]];
-            all.iter().filter(|e| !left_out.contains(&e.intent.as_deref().unwrap_or(""))).cloned().collect()
+            all.iter().filter(|e| !left_out.contains(&e.intent.as_deref().unwrap_or(""))).collect()
         });
         if let Some(pool) = &pool {
-            cache.fill_examples(pool)?;
+            cache.fill_examples(pool.iter().copied())?;
         }
         let pool = pool.as_deref();
         let mut cfg = base_cfg;
@@ -472,14 +479,15 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         if !a.no_tune {
             let dev = dev_window(load_domain(&a.data, a.shots, dev_fold)?, a.dev_skip, a.dev_episodes)?;
             let mut runs = dev_runs(cache, &dev, &build, &cfg, pool)?;
+            // With a memory, the settings are chosen for each discount; the best pair is kept.
+            let mut swept: Option<DevChoice> = None;
             if pool.is_some() {
-                let mut best = f64::NEG_INFINITY;
                 for d in MEMORY_DISCOUNT_GRID {
                     runs.iter_mut().for_each(|r| r.set_memory_discount(d));
-                    let f1 = choose_on_runs(&runs, &dev, &build, &cfg, cache.slotness.is_some())?.f1;
-                    writeln!(out, "{:<22}   dev {}: memory discount {d}: F1 {f1:.2}", "", DOMAINS[dev_fold - 1])?;
-                    if f1 > best {
-                        (best, memory_discount) = (f1, d);
+                    let c = choose_on_runs(&runs, &dev, &build, &cfg, cache.slotness.is_some())?;
+                    writeln!(out, "{:<22}   dev {}: memory discount {d}: F1 {:.2}", "", DOMAINS[dev_fold - 1], c.f1)?;
+                    if swept.is_none_or(|b| c.f1 > b.f1) {
+                        (swept, memory_discount) = (Some(c), d);
                     }
                 }
                 runs.iter_mut().for_each(|r| r.set_memory_discount(memory_discount));
@@ -487,7 +495,10 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             if let Some(path) = &a.dump_evidence {
                 dump_evidence(path, fold, &runs, &dev).with_context(|| format!("{}: writing the evidence", path.display()))?;
             }
-            let chosen = choose_on_runs(&runs, &dev, &build, &cfg, cache.slotness.is_some())?;
+            let chosen = match swept {
+                Some(c) => c,
+                None => choose_on_runs(&runs, &dev, &build, &cfg, cache.slotness.is_some())?,
+            };
             (dev_f1, cfg.threshold, cfg.o_margin, cfg.o_penalty) = (chosen.f1, chosen.threshold, chosen.o_margin, chosen.o_penalty);
             cfg.detector_weight = chosen.detector_weight;
             if a.fit_scorer {
@@ -498,11 +509,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         cache.fill(&target)?;
         let reports: Vec<EvalReport> = target
             .iter()
-            .map(|ep| {
-                let mut run = run_episode(cache, ep, &build, &cfg, pool)?;
-                run.set_memory_discount(memory_discount);
-                episode_report(&run, ep, &cfg, scorer)
-            })
+            .map(|ep| episode_report(&run_episode(cache, ep, &build, &cfg, pool, memory_discount)?, ep, &cfg, scorer))
             .collect::<Result<_>>()?;
         let scores: Vec<f64> = reports.iter().map(|r| 100.0 * r.micro.f1).collect();
         if fold_encoder.is_none() {
