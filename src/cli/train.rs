@@ -245,6 +245,10 @@ pub struct DetectorArgs {
     pub init: Option<PathBuf>,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Fit this many detectors, with seeds --seed, --seed + 1, ..., and write one whose
+    /// logit is their mean (hidden layer N × --hidden wide).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16).map(|v| v as usize), conflicts_with = "init")]
+    pub ensemble: usize,
     /// Also report how well it finds the slots (any label, strict boundaries) of these
     /// intents' examples in --data, e.g. the dev domain (comma-separated; excluded from fitting).
     #[arg(long, value_delimiter = ',')]
@@ -371,18 +375,28 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
     };
     // A detector to adapt keeps its own shape.
     let (max_width, hidden) = init.as_ref().map_or((a.max_width, a.hidden), |d| (d.max_width, d.hidden));
-    let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed: a.seed, hidden, batch: a.batch };
-    let (det, report) = SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)
-        .with_context(|| format!("{}: fitting the span detector", a.source.data.display()))?;
+    let mut members = Vec::with_capacity(a.ensemble);
+    let mut report = None;
+    for seed in (a.seed..).take(a.ensemble) {
+        let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch };
+        let (det, r) = SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)
+            .with_context(|| format!("{}: fitting the span detector", a.source.data.display()))?;
+        members.push(det);
+        report = Some(r);
+    }
+    let report = report.expect("at least one detector is fitted");
+    let det = if members.len() == 1 { members.pop().expect("one member") } else { SpanDetector::average(&members)? };
     det.save(&a.out)?;
     let losses: Vec<String> = report.loss.iter().map(|l| format!("{l:.4}")).collect();
     writeln!(
         out,
-        "span detector: {} utterances, {} spans ({} slots); loss per epoch {}; {:.0} s; wrote {}",
+        "span detector{}: {} utterances, {} spans ({} slots); loss per epoch {}{}; {:.0} s; wrote {}",
+        if a.ensemble > 1 { format!(" (mean of {})", a.ensemble) } else { String::new() },
         report.utterances,
         report.spans,
         report.positives,
         losses.join(" "),
+        if a.ensemble > 1 { " (the last one)" } else { "" },
         started.elapsed().as_secs_f64(),
         a.out.display()
     )?;

@@ -505,6 +505,20 @@ fn train_detector_then_query_and_eval_with_it() {
     assert_eq!(fitted["hidden"], 8, "the default width");
     assert_eq!(fitted["w_width"].as_array().unwrap().len(), 8 * 10, "one row per width up to the default 10");
 
+    // An ensemble of 2 is one detector with both hidden layers; its first member is the
+    // detector fitted above (same seed), so its first 8 output weights are halved.
+    let ensemble = d.join("ensemble.json");
+    let printed = ok(d, &["train", "detector", "--data", s(&smarthome()), "--epochs", "3", "--ensemble", "2", "--out", s(&ensemble)]);
+    assert!(printed.contains("mean of 2"), "{printed}");
+    let e = json(&std::fs::read_to_string(&ensemble).unwrap());
+    assert_eq!(e["hidden"], 16);
+    let (w1, w2) = (fitted["w_out"].as_array().unwrap(), e["w_out"].as_array().unwrap());
+    for (a, b) in w1.iter().zip(w2) {
+        assert!((a.as_f64().unwrap() / 2.0 - b.as_f64().unwrap()).abs() < 1e-6, "{a} / 2 against {b}");
+    }
+    assert_ne!(w2[0], w2[8], "the second member has its own seed");
+    fails(d, &["train", "detector", "--data", s(&smarthome()), "--init", s(&det), "--ensemble", "2", "--out", s(&ensemble)], &["--ensemble", "--init"]);
+
     // Adapting keeps the shape and changes the weights.
     let adapted = d.join("adapted.json");
     ok(d, &["train", "detector", "--data", s(&smarthome()), "--init", s(&det), "--epochs", "2", "--batch", "4", "--hidden", "3", "--out", s(&adapted)]);
