@@ -610,6 +610,7 @@ mod tests {
             assert!((z - expected).abs() < 1e-5, "span {i}: {z} against {expected}");
         }
         assert!(each[0] != each[1], "the members should differ for this test to mean anything");
+        assert_eq!(SpanDetector::average(&members[1..2]).unwrap(), members[1], "the average of one is itself");
         assert!(SpanDetector::average(&[]).is_err());
         let err = SpanDetector::average(&[random_detector(4, 3, 3, 1), random_detector(5, 3, 3, 1)]).unwrap_err().to_string();
         assert!(err.contains("4-dim") && err.contains("5-dim"), "{err}");

@@ -375,17 +375,19 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
     };
     // A detector to adapt keeps its own shape.
     let (max_width, hidden) = init.as_ref().map_or((a.max_width, a.hidden), |d| (d.max_width, d.hidden));
-    let mut members = Vec::with_capacity(a.ensemble);
-    let mut report = None;
-    for seed in (a.seed..).take(a.ensemble) {
-        let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch };
-        let (det, r) = SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)
-            .with_context(|| format!("{}: fitting the span detector", a.source.data.display()))?;
-        members.push(det);
-        report = Some(r);
-    }
-    let report = report.expect("at least one detector is fitted");
-    let det = if members.len() == 1 { members.pop().expect("one member") } else { SpanDetector::average(&members)? };
+    let (members, reports): (Vec<SpanDetector>, Vec<_>) = (a.seed..)
+        .take(a.ensemble)
+        .map(|seed| {
+            let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch };
+            SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)
+                .with_context(|| format!("{}: fitting the span detector", a.source.data.display()))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    // The average of one detector is that detector, weight for weight.
+    let det = SpanDetector::average(&members)?;
+    let report = reports.last().expect("--ensemble is at least 1");
     det.save(&a.out)?;
     let losses: Vec<String> = report.loss.iter().map(|l| format!("{l:.4}")).collect();
     writeln!(
