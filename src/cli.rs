@@ -29,6 +29,9 @@ pub struct Cli {
 pub enum Command {
     /// Encode texts: one JSON line per text with tokens, offsets and the sentence vector.
     Encode(EncodeArgs),
+    /// Combine encoders that share a tokenizer into one ensemble folder, usable wherever
+    /// a model folder is: each token's vector is the members' vectors side by side.
+    Ensemble(EnsembleArgs),
     /// Inspect datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -51,8 +54,49 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+pub struct EnsembleArgs {
+    /// The ensemble folder to create (it must not hold a model or an ensemble already).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Member model folders, in order (at least 2).
+    #[arg(required = true, num_args = 2..)]
+    pub members: Vec<PathBuf>,
+}
+
+/// `nearspan ensemble`: writes the manifest with absolute member paths (so the folder can
+/// be read from anywhere), then loads it to prove the members fit together.
+fn ensemble(a: EnsembleArgs, out: &mut dyn Write) -> Result<()> {
+    use crate::encoder::ensemble::{Manifest, MANIFEST};
+    for taken in [MANIFEST, "model.safetensors", "config.json"] {
+        if a.out.join(taken).exists() {
+            bail!("{}: already holds {taken}; choose a new folder", a.out.display());
+        }
+    }
+    let members = a
+        .members
+        .iter()
+        .map(|m| m.canonicalize().with_context(|| format!("{}: cannot read the member's folder", m.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let manifest = Manifest::new(members);
+    manifest.write(&a.out).with_context(|| format!("{}: cannot write {MANIFEST}", a.out.display()))?;
+    match Encoder::load(&a.out) {
+        Ok(e) => {
+            let i = e.info();
+            writeln!(out, "wrote {}: {} models, {}-dim token vectors", a.out.join(MANIFEST).display(), e.n_models(), i.hidden_size)?;
+            Ok(())
+        }
+        Err(err) => {
+            // Leave nothing behind that would fail to load later.
+            let _ = std::fs::remove_file(a.out.join(MANIFEST));
+            Err(err).context("the ensemble does not load; nothing written")
+        }
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct ModelArg {
-    /// Model folder in Hugging Face layout (config.json, model.safetensors, tokenizer.json).
+    /// Model folder in Hugging Face layout (config.json, model.safetensors, tokenizer.json),
+    /// or an ensemble folder (ensemble.json, made by `nearspan ensemble`).
     /// Default: $NEARSPAN_MODEL, ../shared/models/all-minilm-l6-v2 or models/all-minilm-l6-v2.
     #[arg(long, env = "NEARSPAN_MODEL")]
     pub model: Option<PathBuf>,
@@ -387,6 +431,7 @@ pub enum BenchCommand {
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     match cli.command {
         Command::Encode(a) => encode(a, out),
+        Command::Ensemble(a) => ensemble(a, out),
         Command::Data(DataCommand::Stats { path, format }) => data_stats(&path, format, out),
         Command::Index(cmd) => index(cmd, out),
         Command::Query(a) => query(a, out),

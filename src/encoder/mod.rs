@@ -7,6 +7,7 @@
 
 mod bert;
 mod config;
+pub mod ensemble;
 mod inference;
 pub mod matmul;
 pub mod ops;
@@ -49,6 +50,10 @@ pub enum EncoderError {
     Weights { path: PathBuf, source: candle_core::Error },
     #[error("{} precision needs {needs}, which this CPU (or its operating system) does not offer; use f32", .precision.name())]
     UnsupportedPrecision { precision: Precision, needs: &'static str },
+    #[error("{}: {reason}", .path.display())]
+    Ensemble { path: PathBuf, reason: String },
+    #[error("{}: an ensemble of encoders can only be used to encode, not trained; train each member on its own", .dir.display())]
+    EnsembleNotTrainable { dir: PathBuf },
     #[error("model computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -96,6 +101,11 @@ pub struct Encoder {
     tokenizer: Tokenizer,
     device: Device,
     info: ModelInfo,
+    /// Width of this model's own token vectors; `info.hidden_size` is wider in an ensemble.
+    own_dim: usize,
+    /// The other members of an ensemble ([`ensemble`]): each token's vector is this
+    /// model's followed by theirs, in order. Empty for a single model.
+    members: Vec<Encoder>,
 }
 
 /// Paths of the three files a model folder must hold, checked up front.
@@ -149,6 +159,9 @@ impl Encoder {
         if !precision.is_supported() {
             return Err(EncoderError::UnsupportedPrecision { precision, needs: "Intel AMX (AMX-BF16) or AVX512-BF16" });
         }
+        if let Some(manifest) = ensemble::Manifest::find(dir)? {
+            return ensemble::load(dir, &manifest, precision);
+        }
         let files = ModelFiles::find(dir)?;
         let device = Device::Cpu;
         // SAFETY: the weights file is mapped read-only; nearspan never writes it while loaded.
@@ -165,6 +178,9 @@ impl Encoder {
     /// training code passes a `VarBuilder` over a `VarMap` so the weights are variables.
     /// Such an encoder encodes with the candle model (its weights change as it trains).
     pub fn load_with(dir: &Path, vb: VarBuilder) -> Result<Self, EncoderError> {
+        if ensemble::Manifest::find(dir)?.is_some() {
+            return Err(EncoderError::EnsembleNotTrainable { dir: dir.to_path_buf() });
+        }
         let files = ModelFiles::find(dir)?;
         let config = read_config(&files.config)?;
         let device = vb.device().clone();
@@ -184,15 +200,23 @@ impl Encoder {
             hidden_size: config.hidden_size,
             max_tokens: config.max_position_embeddings,
         };
-        Ok(Self { model, inference: None, tokenizer, device, info })
+        let own_dim = config.hidden_size;
+        Ok(Self { model, inference: None, tokenizer, device, info, own_dim, members: Vec::new() })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
 
+    /// The candle model (of the first member, in an ensemble).
     pub fn model(&self) -> &BertModel {
         &self.model
+    }
+
+    /// Number of models whose token vectors [`Encoder::encode`] puts side by side (1
+    /// unless this is an ensemble).
+    pub fn n_models(&self) -> usize {
+        1 + self.members.len()
     }
 
     /// The precision [`Encoder::encode`] computes in.
@@ -247,16 +271,36 @@ impl Encoder {
     /// candle model in inference mode. For callers that want a tensor (the baseline's
     /// classifier heads).
     pub fn hidden_states(&self, batch: &[&TokenizedText]) -> Result<Tensor, EncoderError> {
-        let Some(model) = &self.inference else {
+        if self.inference.is_none() {
             return self.forward(batch, ForwardMode::Inference);
-        };
+        }
         let (dim, t) = (self.info.hidden_size, batch.iter().map(|x| x.len()).max().unwrap_or(0));
         let ids: Vec<&[u32]> = batch.iter().map(|x| x.ids.as_slice()).collect();
         let mut padded = vec![0f32; batch.len() * t * dim];
-        for (row, rows) in model.forward_per_text(&ids)?.iter().enumerate() {
+        for (row, rows) in self.forward_per_text(&ids)?.iter().enumerate() {
             padded[row * t * dim..row * t * dim + rows.len()].copy_from_slice(rows);
         }
         Ok(Tensor::from_vec(padded, (batch.len(), t, dim), &self.device)?)
+    }
+
+    /// The inference pass over texts given as token ids: per text, (tokens × hidden)
+    /// rows; in an ensemble each token's row is the members' vectors side by side.
+    fn forward_per_text(&self, ids: &[&[u32]]) -> Result<Vec<Vec<f32>>, EncoderError> {
+        let model = self.inference.as_ref().expect("called on encoders loaded for inference only");
+        let own = model.forward_per_text(ids)?;
+        if self.members.is_empty() {
+            return Ok(own);
+        }
+        let theirs: Vec<Vec<Vec<f32>>> = self.members.iter().map(|m| m.forward_per_text(ids)).collect::<Result<_, _>>()?;
+        let widths: Vec<usize> = std::iter::once(self.own_dim).chain(self.members.iter().map(|m| m.info.hidden_size)).collect();
+        Ok(own
+            .into_iter()
+            .enumerate()
+            .map(|(text, first)| {
+                let parts: Vec<&[f32]> = std::iter::once(first.as_slice()).chain(theirs.iter().map(|t| t[text].as_slice())).collect();
+                ensemble::interleave(&parts, &widths)
+            })
+            .collect())
     }
 
     /// Encodes texts in batches of `batch_size`; the output keeps the input order. (The
@@ -273,9 +317,9 @@ impl Encoder {
         order.sort_by_key(|&i| tokenized[i].len());
         let mut hidden: Vec<Option<Vec<f32>>> = vec![None; tokenized.len()];
         for chunk in order.chunks(batch_size.max(1)) {
-            if let Some(model) = &self.inference {
+            if self.inference.is_some() {
                 let ids: Vec<&[u32]> = chunk.iter().map(|&i| tokenized[i].ids.as_slice()).collect();
-                for (&i, rows) in chunk.iter().zip(model.forward_per_text(&ids)?) {
+                for (&i, rows) in chunk.iter().zip(self.forward_per_text(&ids)?) {
                     hidden[i] = Some(rows);
                 }
                 continue;

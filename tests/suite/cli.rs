@@ -545,3 +545,40 @@ fn train_detector_then_query_and_eval_with_it() {
     fails(d, &["train", "detector", "--data", s(&no_slots), "--out", s(&d.join("x.json"))], &["no_slots.jsonl", "no training example has a candidate span that is a slot"]);
     assert!(!d.join("x.json").exists(), "nothing written on error");
 }
+
+#[test]
+fn ensemble_folder_serves_wherever_a_model_folder_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (m, ens) = (model(), d.join("ens"));
+    let printed = ok(d, &["ensemble", "--out", s(&ens), s(&m), s(&m)]);
+    assert!(printed.contains("2 models, 768-dim"), "{printed}");
+    fails(d, &["ensemble", "--out", s(&ens), s(&m), s(&m)], &["ens", "already holds ensemble.json"]);
+    let (missing, ens2) = (d.join("nope"), d.join("ens2"));
+    fails(d, &["ensemble", "--out", s(&ens2), s(&m), s(&missing)], &["nope", "cannot read"]);
+    fails(d, &["ensemble", "--out", s(&ens2), s(&m)], &["required"]);
+    assert!(!ens2.join("ensemble.json").exists());
+
+    // Build and query with the ensemble. A model beside itself gives every span the same
+    // cosine as the model alone, so the labels must be the single model's.
+    let (single, doubled) = (build_index(d), d.join("ens.nsi"));
+    ok(d, &["index", "build", "--model", s(&ens), "--examples", s(&smarthome()), "--out", s(&doubled)]);
+    assert_eq!(info(d, &doubled)["encoder"]["dim"], 2 * info(d, &single)["encoder"]["dim"].as_u64().unwrap());
+    let texts = ["turn on the kitchen lights", "play jazz in the living room", "what's the weather in Paris tomorrow"];
+    let labels = |model: &[&str], index: &Path| -> Vec<(Value, Vec<(Value, Value)>)> {
+        let args: Vec<&str> = ["query", "--index", s(index), "--json"].into_iter().chain(model.iter().copied()).chain(texts).collect();
+        ok(d, &args)
+            .lines()
+            .map(|l| {
+                let p = json(l);
+                let slots = p["slots"].as_array().unwrap().iter().map(|s| (s["label"].clone(), s["text"].clone())).collect();
+                (p["intent"]["label"].clone(), slots)
+            })
+            .collect()
+    };
+    let with_ensemble = labels(&["--model", s(&ens)], &doubled);
+    assert_eq!(with_ensemble, labels(&[], &single));
+    assert!(with_ensemble[0].1.iter().any(|(l, t)| l == "device" && t == "lights"), "{with_ensemble:?}");
+    // The index knows which encoder wrote it: the single model cannot query it.
+    fails(d, &["query", "--index", s(&doubled), "turn on the lights"], &["ens.nsi"]);
+}

@@ -176,3 +176,65 @@ fn missing_model_file_is_a_clear_error() {
     let err = nearspan::encoder::Encoder::load(dir.path()).err().expect("must fail");
     assert!(err.to_string().contains("missing config.json"), "{err}");
 }
+
+/// A second model that differs from the default one: its last layer norm's scale doubled,
+/// so every token vector changes.
+fn altered_model(dir: &std::path::Path) {
+    let src = crate::common::model_dir();
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut weights = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let key = weights.keys().find(|k| k.ends_with("layer.5.output.LayerNorm.weight")).expect("last layer norm").clone();
+    let doubled = (weights[&key].clone() * 2.0).unwrap();
+    weights.insert(key, doubled);
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn ensemble_puts_its_members_token_vectors_side_by_side() {
+    use nearspan::encoder::{ensemble::Manifest, Encoder};
+    let tmp = tempfile::tempdir().unwrap();
+    let (other_dir, ens_dir) = (tmp.path().join("other"), tmp.path().join("ens"));
+    altered_model(&other_dir);
+    // A relative member path is read from the ensemble folder.
+    Manifest::new(vec![crate::common::model_dir().canonicalize().unwrap(), "../other".into()]).write(&ens_dir).unwrap();
+    let ens = Encoder::load(&ens_dir).unwrap();
+    let (a, b) = (encoder(), Encoder::load(&other_dir).unwrap());
+    assert_eq!((ens.n_models(), ens.info().hidden_size), (2, 768));
+    assert_ne!(ens.info().weights_sha256, a.info().weights_sha256);
+    let texts = ["play some jazz by miles davis", "", "book a table for two at eight"];
+    let (e, x, y) = (ens.encode(&texts, 2).unwrap(), a.encode(&texts, 2).unwrap(), b.encode(&texts, 2).unwrap());
+    for ((e, x), y) in e.iter().zip(&x).zip(&y) {
+        assert_eq!(e.dim, 768);
+        assert_eq!(e.tokens.ids, x.tokens.ids);
+        for t in 0..x.tokens.len() {
+            let v = e.token_vector(t);
+            assert_eq!(&v[..384], x.token_vector(t), "first member's half, token {t}");
+            assert_eq!(&v[384..], y.token_vector(t), "second member's half, token {t}");
+            assert_ne!(&v[..384], &v[384..]);
+        }
+    }
+}
+
+#[test]
+fn ensemble_refuses_mismatched_tokenizers_and_training() {
+    use nearspan::encoder::{ensemble::Manifest, Encoder};
+    let tmp = tempfile::tempdir().unwrap();
+    let (other_dir, ens_dir) = (tmp.path().join("other"), tmp.path().join("ens"));
+    altered_model(&other_dir);
+    Manifest::new(vec![crate::common::model_dir().canonicalize().unwrap(), other_dir.clone(), tmp.path().join("gone")]).write(&ens_dir).unwrap();
+    let err = Encoder::load(&ens_dir).err().expect("a missing member is refused");
+    assert!(err.to_string().contains("ensemble.json") && err.to_string().contains("gone: no such folder"), "{err}");
+    Manifest::new(vec![crate::common::model_dir().canonicalize().unwrap(), other_dir.clone()]).write(&ens_dir).unwrap();
+    let vb = candle_nn::VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu);
+    let err = Encoder::load_with(&ens_dir, vb).err().expect("training an ensemble is refused");
+    assert!(matches!(err, EncoderError::EnsembleNotTrainable { .. }) && err.to_string().contains("ens"), "{err}");
+    // Another vocabulary: one more token at the end of the tokenizer file.
+    let tok = std::fs::read_to_string(other_dir.join("tokenizer.json")).unwrap();
+    assert!(tok.contains("\"[PAD]\":0"));
+    std::fs::write(other_dir.join("tokenizer.json"), tok.replacen("\"[PAD]\":0", "\"[PAD]\":0,\"zzzextra\":999999", 1)).unwrap();
+    let err = Encoder::load(&ens_dir).err().expect("different tokenizers are refused");
+    assert!(err.to_string().contains("different tokenizers") && err.to_string().contains("ensemble.json"), "{err}");
+}
