@@ -9,7 +9,9 @@
 //!
 //! Blocking: each call computes a 32 x 32 block of C (2 x 2 accumulator tiles, tmm0-3)
 //! from two A tiles (tmm4-5) and two B tiles (tmm6-7) per 32-deep step of k, so every
-//! tile loaded feeds two products.
+//! tile loaded feeds two products. Both operands are packed as whole tiles beforehand
+//! (weights once at load, activations per product), so each tile load reads one
+//! contiguous KiB rather than 16 rows far apart.
 
 use std::arch::asm;
 use std::sync::OnceLock;
@@ -90,26 +92,25 @@ pub unsafe fn release() {
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// C (32 x 32 f32 block, row stride `ldc` floats) = A (32 rows of bf16, row stride `lda`
-/// elements, `k_blocks * 32` deep) x B (two column blocks of packed tiles, see
-/// [`super::pack_bf16`]: `b0` and `b1` each point at `k_blocks` consecutive 1 KiB tiles).
+/// C (32 x 32 f32 block, row stride `ldc` floats) = A (32 rows, `k_blocks * 32` deep) x B.
+/// A is packed as tiles ([`super::pack_rows_amx`]): `a0` and `a1` (its rows 0..16 and
+/// 16..32) each point at `k_blocks` consecutive 1 KiB tiles, so every tile load reads
+/// one contiguous KiB; B likewise ([`super::pack_bf16`]): `b0` and `b1` are two column
+/// blocks of 16.
 ///
 /// # Safety
 /// [`configure`] has run on this thread; every pointer covers what it is read or written
-/// through: `a` 32 rows x `k_blocks * 32` bf16, `b0`/`b1` `k_blocks * 512` bf16 each, `c`
-/// 32 rows x 32 f32.
+/// through: `a0`/`a1`/`b0`/`b1` `k_blocks * 512` bf16 each, `c` 32 rows x 32 f32.
 #[inline]
 pub unsafe fn block_32x32(
-    a: *const u16,
-    lda: usize,
+    a0: *const u16,
+    a1: *const u16,
     b0: *const u16,
     b1: *const u16,
     k_blocks: usize,
     c: *mut f32,
     ldc: usize,
 ) {
-    let a_stride = lda * 2; // bytes
-    let a1 = a.add(16 * lda);
     asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -118,19 +119,19 @@ pub unsafe fn block_32x32(
         options(nostack, nomem)
     );
     for kb in 0..k_blocks {
-        let (pa0, pa1) = (a.add(kb * 32), a1.add(kb * 32));
+        let (pa0, pa1) = (a0.add(kb * 512), a1.add(kb * 512));
         let (pb0, pb1) = (b0.add(kb * 512), b1.add(kb * 512));
         asm!(
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tileloadd tmm7, [{b1} + {s}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
             a0 = in(reg) pa0, a1 = in(reg) pa1, b0 = in(reg) pb0, b1 = in(reg) pb1,
-            sa = in(reg) a_stride, sb = in(reg) 64usize,
+            s = in(reg) 64usize,
             options(nostack, readonly),
         );
     }
