@@ -29,7 +29,7 @@
 //! allocating anything, and the header against the body.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -106,12 +106,13 @@ impl From<MetaV1> for Meta {
 /// A graph section: its kind tag and bytes.
 pub(crate) type Graph<'a> = (u8, &'a [u8]);
 
-pub(crate) struct Decoded<'a> {
+pub(crate) struct Decoded {
     pub meta: Meta,
     pub span_vectors: Vec<f32>,
     pub utt_vectors: Vec<f32>,
-    pub span_graph: Graph<'a>,
-    pub utt_graph: Graph<'a>,
+    /// The graph sections: kind tag and bytes.
+    pub span_graph: (u8, Vec<u8>),
+    pub utt_graph: (u8, Vec<u8>),
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -161,43 +162,89 @@ pub(crate) fn encode(
     out
 }
 
-struct Reader<'a, 'p> {
-    buf: &'a [u8],
-    pos: usize,
-    path: &'p Path,
+/// Why a read stopped: the file's own bytes said something impossible, or reading failed.
+enum Stop {
+    Corrupt(String),
+    Io(io::Error),
 }
 
-impl<'a> Reader<'a, '_> {
-    fn corrupt(&self, detail: String) -> IndexError {
-        IndexError::Corrupt { path: self.path.to_path_buf(), detail }
+impl From<io::Error> for Stop {
+    fn from(e: io::Error) -> Stop {
+        Stop::Io(e)
     }
-    fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], IndexError> {
-        let left = self.buf.len() - self.pos;
-        if n > left as u64 {
-            return Err(self.corrupt(format!("{what} section claims {n} bytes, {left} left")));
+}
+
+/// Reads the content (everything before the trailer) in order, hashing every byte read,
+/// and knows how many bytes are left, so that no section is allocated beyond the file.
+struct Reader<R> {
+    src: R,
+    left: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl<R: Read> Reader<R> {
+    /// Fills `buf` from the content, or says how short the content is.
+    fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), Stop> {
+        if buf.len() as u64 > self.left {
+            return Err(Stop::Corrupt(format!("{what} section claims {} bytes, {} left", buf.len(), self.left)));
         }
-        let s = &self.buf[self.pos..self.pos + n as usize];
-        self.pos += n as usize;
-        Ok(s)
+        self.src.read_exact(buf)?;
+        self.crc.update(buf);
+        self.left -= buf.len() as u64;
+        Ok(())
     }
-    fn u64(&mut self, what: &str) -> Result<u64, IndexError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+    fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>, Stop> {
+        if n > self.left {
+            return Err(Stop::Corrupt(format!("{what} section claims {n} bytes, {} left", self.left)));
+        }
+        let mut v = vec![0u8; n as usize];
+        self.fill(&mut v, what)?;
+        Ok(v)
     }
-    fn u8(&mut self, what: &str) -> Result<u8, IndexError> {
-        Ok(self.take(1, what)?[0])
+    fn u64(&mut self, what: &str) -> Result<u64, Stop> {
+        let mut b = [0u8; 8];
+        self.fill(&mut b, what)?;
+        Ok(u64::from_le_bytes(b))
     }
-    fn f32s(&mut self, expected_len: u64, what: &str) -> Result<Vec<f32>, IndexError> {
+    fn u8(&mut self, what: &str) -> Result<u8, Stop> {
+        let mut b = [0u8; 1];
+        self.fill(&mut b, what)?;
+        Ok(b[0])
+    }
+    /// A raw little-endian f32 section, read straight into the vector it becomes: the
+    /// file's bytes are never held twice.
+    fn f32s(&mut self, expected_len: u64, what: &str) -> Result<Vec<f32>, Stop> {
         let n = self.u64(what)?;
         if n != expected_len {
-            return Err(self.corrupt(format!("{what} section has {n} bytes, header implies {expected_len}")));
+            return Err(Stop::Corrupt(format!("{what} section has {n} bytes, header implies {expected_len}")));
         }
-        let raw = self.take(n, what)?;
-        Ok(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+        if n > self.left {
+            return Err(Stop::Corrupt(format!("{what} section claims {n} bytes, {} left", self.left)));
+        }
+        let mut v = vec![0f32; (n / 4) as usize];
+        self.fill(bytemuck::cast_slice_mut(&mut v), what)?;
+        if cfg!(target_endian = "big") {
+            for x in &mut v {
+                *x = f32::from_bits(u32::from_le(x.to_bits()));
+            }
+        }
+        Ok(v)
     }
-    fn graph(&mut self, what: &str) -> Result<Graph<'a>, IndexError> {
+    fn graph(&mut self, what: &str) -> Result<(u8, Vec<u8>), Stop> {
         let kind = self.u8(what)?;
         let n = self.u64(what)?;
-        Ok((kind, self.take(n, what)?))
+        Ok((kind, self.bytes(n, what)?))
+    }
+    /// Hashes whatever content is left, unread until now.
+    fn drain(&mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        while self.left > 0 {
+            let n = self.left.min(buf.len() as u64) as usize;
+            self.src.read_exact(&mut buf[..n])?;
+            self.crc.update(&buf[..n]);
+            self.left -= n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -208,15 +255,27 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
 
-pub(crate) fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<Decoded<'a>, IndexError> {
+/// Decodes an index of `len` bytes from `src`, reading it once, front to back: each
+/// vector section goes straight into its vector, so opening a file needs about its size
+/// in memory, not twice that.
+///
+/// The checks come in the documented order: magic, version, length, then the checksum
+/// before anything else is reported. The checksum is only known at the end, so when the
+/// body does not parse, the rest is read and hashed first: a damaged file says
+/// "checksum mismatch", and a body that is wrong under a valid checksum (written wrong,
+/// not damaged) says what is wrong with it.
+pub(crate) fn decode_from(mut src: impl Read, len: u64, path: &Path) -> Result<Decoded, IndexError> {
     let corrupt = |detail: String| IndexError::Corrupt { path: path.to_path_buf(), detail };
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+    let mut header = [0u8; HEADER_LEN];
+    let got = (len as usize).min(HEADER_LEN);
+    src.read_exact(&mut header[..got]).map_err(|e| IndexError::io(path, e))?;
+    if got < MAGIC.len() || &header[..MAGIC.len()] != MAGIC {
         return Err(IndexError::NotAnIndex { path: path.to_path_buf() });
     }
-    if bytes.len() < 10 {
-        return Err(corrupt(format!("truncated: {} bytes", bytes.len())));
+    if got < 10 {
+        return Err(corrupt(format!("truncated: {len} bytes")));
     }
-    let version = u16_at(bytes, 8);
+    let version = u16_at(&header, 8);
     if !(OLDEST_SUPPORTED_VERSION..=CURRENT_VERSION).contains(&version) {
         return Err(IndexError::UnsupportedVersion {
             path: path.to_path_buf(),
@@ -225,37 +284,52 @@ pub(crate) fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<Decoded<'a>, In
             current: CURRENT_VERSION,
         });
     }
-    if bytes.len() < HEADER_LEN + TRAILER_LEN {
-        return Err(corrupt(format!("truncated: {} bytes, the header alone is {HEADER_LEN}", bytes.len())));
+    if len < (HEADER_LEN + TRAILER_LEN) as u64 {
+        return Err(corrupt(format!("truncated: {len} bytes, the header alone is {HEADER_LEN}")));
     }
-    let (content, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
-    let stored = u32::from_le_bytes(trailer.try_into().unwrap());
-    let computed = crc32fast::hash(content);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header);
+    let mut r = Reader { src, left: len - (HEADER_LEN + TRAILER_LEN) as u64, crc };
+    let body = decode_body(&mut r, &header, version);
+    if let Err(Stop::Io(e)) = body {
+        return Err(IndexError::io(path, e));
+    }
+    r.drain().map_err(|e| IndexError::io(path, e))?;
+    let mut trailer = [0u8; TRAILER_LEN];
+    r.src.read_exact(&mut trailer).map_err(|e| IndexError::io(path, e))?;
+    let stored = u32::from_le_bytes(trailer);
+    let computed = r.crc.finalize();
     if stored != computed {
         return Err(corrupt(format!("checksum mismatch: stored {stored:08x}, computed {computed:08x}")));
     }
-    let dim = u32_at(bytes, 12);
-    let n_spans = u32_at(bytes, 16);
-    let n_labels = u32_at(bytes, 20);
-    let fingerprint: [u8; 32] = bytes[24..56].try_into().unwrap();
-    if dim == 0 || dim > MAX_DIM {
-        return Err(corrupt(format!("dimension {dim} outside 1..={MAX_DIM}")));
-    }
+    body.map_err(|stop| match stop {
+        Stop::Corrupt(detail) => corrupt(detail),
+        Stop::Io(e) => IndexError::io(path, e),
+    })
+}
 
-    let mut r = Reader { buf: &content[HEADER_LEN..], pos: 0, path };
-    let meta_len = r.u64("metadata")?;
-    let meta_bytes = r.take(meta_len, "metadata")?;
-    let (meta, used): (Meta, usize) = if version == 1 {
-        bincode::serde::decode_from_slice::<MetaV1, _>(meta_bytes, bincode_config()).map(|(m, used)| (m.into(), used))
-    } else {
-        bincode::serde::decode_from_slice(meta_bytes, bincode_config())
+/// The sections after the header.
+fn decode_body<R: Read>(r: &mut Reader<R>, header: &[u8; HEADER_LEN], version: u16) -> Result<Decoded, Stop> {
+    let dim = u32_at(header, 12);
+    let n_spans = u32_at(header, 16);
+    let n_labels = u32_at(header, 20);
+    let fingerprint: [u8; 32] = header[24..56].try_into().unwrap();
+    if dim == 0 || dim > MAX_DIM {
+        return Err(Stop::Corrupt(format!("dimension {dim} outside 1..={MAX_DIM}")));
     }
-    .map_err(|e| corrupt(format!("metadata: {e}")))?;
+    let meta_len = r.u64("metadata")?;
+    let meta_bytes = r.bytes(meta_len, "metadata")?;
+    let (meta, used): (Meta, usize) = if version == 1 {
+        bincode::serde::decode_from_slice::<MetaV1, _>(&meta_bytes, bincode_config()).map(|(m, used)| (m.into(), used))
+    } else {
+        bincode::serde::decode_from_slice(&meta_bytes, bincode_config())
+    }
+    .map_err(|e| Stop::Corrupt(format!("metadata: {e}")))?;
     if used != meta_bytes.len() {
-        return Err(corrupt(format!("metadata: {} trailing bytes", meta_bytes.len() - used)));
+        return Err(Stop::Corrupt(format!("metadata: {} trailing bytes", meta_bytes.len() - used)));
     }
     if meta.encoder.dim != dim || meta.spans.len() as u64 != n_spans as u64 || meta.labels.len() as u64 != n_labels as u64 {
-        return Err(corrupt(format!(
+        return Err(Stop::Corrupt(format!(
             "header says dim {dim}, {n_spans} spans, {n_labels} labels; body has dim {}, {} spans, {} labels",
             meta.encoder.dim,
             meta.spans.len(),
@@ -263,23 +337,23 @@ pub(crate) fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<Decoded<'a>, In
         )));
     }
     if meta.encoder.fingerprint() != fingerprint {
-        return Err(corrupt("encoder fingerprint in the header does not match the body".into()));
+        return Err(Stop::Corrupt("encoder fingerprint in the header does not match the body".into()));
     }
     let n_examples = meta.examples.len() as u64;
     if n_examples > u32::MAX as u64 {
-        return Err(corrupt(format!("{n_examples} examples")));
+        return Err(Stop::Corrupt(format!("{n_examples} examples")));
     }
     for s in &meta.spans {
         if s.label.0 >= n_labels || s.example.0 as u64 >= n_examples || s.start > s.end {
-            return Err(corrupt(format!("span record {s:?} out of range")));
+            return Err(Stop::Corrupt(format!("span record {s:?} out of range")));
         }
     }
     let span_vectors = r.f32s(n_spans as u64 * dim as u64 * 4, "span vectors")?;
     let utt_vectors = r.f32s(n_examples * dim as u64 * 4, "utterance vectors")?;
     let span_graph = r.graph("span graph")?;
     let utt_graph = r.graph("utterance graph")?;
-    if r.pos != r.buf.len() {
-        return Err(corrupt(format!("{} unexpected bytes after the last section", r.buf.len() - r.pos)));
+    if r.left != 0 {
+        return Err(Stop::Corrupt(format!("{} unexpected bytes after the last section", r.left)));
     }
     Ok(Decoded { meta, span_vectors, utt_vectors, span_graph, utt_graph })
 }

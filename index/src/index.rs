@@ -462,17 +462,20 @@ impl SpanIndex {
     /// Open an index saved by [`save`](Self::save). With `expected`, refuse an index built
     /// by another encoder ([`IndexError::EncoderMismatch`]) or of another dimension.
     pub fn open(path: &Path, expected: Option<&EncoderInfo>) -> Result<SpanIndex, IndexError> {
-        let bytes = std::fs::read(path).map_err(|e| IndexError::io(path, e))?;
-        Self::load(&bytes, expected, path)
+        let file = std::fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
+        let len = file.metadata().map_err(|e| IndexError::io(path, e))?.len();
+        let d = format::decode_from(std::io::BufReader::with_capacity(1 << 16, file), len, path)?;
+        Self::load(d, expected, path)
     }
 
     /// [`open`](Self::open) from bytes produced by [`to_bytes`](Self::to_bytes).
     pub fn from_bytes(bytes: &[u8], expected: Option<&EncoderInfo>) -> Result<SpanIndex, IndexError> {
-        Self::load(bytes, expected, &memory_path())
+        let path = memory_path();
+        let d = format::decode_from(bytes, bytes.len() as u64, &path)?;
+        Self::load(d, expected, &path)
     }
 
-    fn load(bytes: &[u8], expected: Option<&EncoderInfo>, path: &Path) -> Result<SpanIndex, IndexError> {
-        let d = format::decode(bytes, path)?;
+    fn load(d: format::Decoded, expected: Option<&EncoderInfo>, path: &Path) -> Result<SpanIndex, IndexError> {
         let meta = d.meta;
         if let Some(exp) = expected {
             if exp.fingerprint() != meta.encoder.fingerprint() {
@@ -498,8 +501,8 @@ impl SpanIndex {
             let backend = build_backend(kind, &vectors, &meta.params, graph, path)?;
             Ok(Collection { vectors, backend })
         };
-        let span_set = collection(d.span_vectors, d.span_graph)?;
-        let utt_set = collection(d.utt_vectors, d.utt_graph)?;
+        let span_set = collection(d.span_vectors, (d.span_graph.0, &d.span_graph.1))?;
+        let utt_set = collection(d.utt_vectors, (d.utt_graph.0, &d.utt_graph.1))?;
         let label_ids = meta.labels.iter().enumerate().map(|(i, l)| (l.clone(), LabelId(i as u32))).collect();
         let span_offsets = span_offsets(&meta.spans, meta.examples.len())
             .map_err(|detail| IndexError::Corrupt { path: path.to_path_buf(), detail })?;

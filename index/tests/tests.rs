@@ -455,6 +455,9 @@ mod format {
             let e = SpanIndex::open(&path, None).unwrap_err();
             assert!(matches!(e, IndexError::Corrupt { .. }), "byte {at}: {e}");
             assert!(e.to_string().contains("index.nsi"), "{e}");
+            // Damage is reported as such, wherever it is, not as whatever the damaged
+            // section then fails to parse as (the checksum is only known at the end).
+            assert!(e.to_string().contains("checksum mismatch"), "byte {at}: {e}");
         }
     }
 
