@@ -515,19 +515,18 @@ fn index(cmd: IndexCommand, out: &mut dyn Write) -> Result<()> {
             writeln!(out, "added {} examples to {}: now {} examples, {} spans", examples.len(), path.display(), index.n_examples(), index.n_spans())?;
         }
         IndexCommand::Info { index: path } => {
-            let index = SpanIndex::open(&path, None)?;
-            let version = nearspan_index::file_format_version(&path)?;
-            let e = index.encoder();
+            let index = SpanIndex::summary(&path)?;
+            let e = &index.encoder;
             let info = serde_json::json!({
                 "path": path,
-                "format_version": version,
-                "examples": index.n_examples(),
-                "spans": index.n_spans(),
-                "labels": index.labels().collect::<Vec<_>>(),
+                "format_version": index.format_version,
+                "examples": index.n_examples,
+                "spans": index.n_spans,
+                "labels": index.labels,
                 "encoder": {"model": e.model_id, "revision": e.revision, "pooling": e.pooling, "max_width": e.max_width, "dim": e.dim},
-                "backend": index.backend().to_string(),
-                "hnsw": index.params(),
-                "o_spans": index.label_id(labeler::O_LABEL).is_some(),
+                "backend": index.backend.to_string(),
+                "hnsw": index.params,
+                "o_spans": index.labels.iter().any(|l| l == labeler::O_LABEL),
             });
             writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
         }

@@ -264,7 +264,27 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 /// body does not parse, the rest is read and hashed first: a damaged file says
 /// "checksum mismatch", and a body that is wrong under a valid checksum (written wrong,
 /// not damaged) says what is wrong with it.
-pub(crate) fn decode_from(mut src: impl Read, len: u64, path: &Path) -> Result<Decoded, IndexError> {
+pub(crate) fn decode_from(src: impl Read, len: u64, path: &Path) -> Result<Decoded, IndexError> {
+    read_checked(src, len, path, |r, header, version| {
+        let meta = decode_meta(r, header, version)?;
+        decode_sections(r, meta, header)
+    })
+}
+
+/// The header and metadata of an index of `len` bytes from `src`, the rest read only to
+/// check the checksum (nothing of it is kept): what `nearspan index info` needs.
+pub(crate) fn read_meta_from(src: impl Read, len: u64, path: &Path) -> Result<(u16, Meta), IndexError> {
+    read_checked(src, len, path, |r, header, version| Ok((version, decode_meta(r, header, version)?)))
+}
+
+/// The checks shared by every read: header, then `body` over the content, then the
+/// checksum, which wins over whatever `body` found (see [`decode_from`]).
+fn read_checked<R: Read, T>(
+    mut src: R,
+    len: u64,
+    path: &Path,
+    body: impl FnOnce(&mut Reader<R>, &[u8; HEADER_LEN], u16) -> Result<T, Stop>,
+) -> Result<T, IndexError> {
     let corrupt = |detail: String| IndexError::Corrupt { path: path.to_path_buf(), detail };
     let mut header = [0u8; HEADER_LEN];
     let got = (len as usize).min(HEADER_LEN);
@@ -290,7 +310,7 @@ pub(crate) fn decode_from(mut src: impl Read, len: u64, path: &Path) -> Result<D
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
     let mut r = Reader { src, left: len - (HEADER_LEN + TRAILER_LEN) as u64, crc };
-    let body = decode_body(&mut r, &header, version);
+    let body = body(&mut r, &header, version);
     if let Err(Stop::Io(e)) = body {
         return Err(IndexError::io(path, e));
     }
@@ -308,8 +328,8 @@ pub(crate) fn decode_from(mut src: impl Read, len: u64, path: &Path) -> Result<D
     })
 }
 
-/// The sections after the header.
-fn decode_body<R: Read>(r: &mut Reader<R>, header: &[u8; HEADER_LEN], version: u16) -> Result<Decoded, Stop> {
+/// The metadata section, checked against the header.
+fn decode_meta<R: Read>(r: &mut Reader<R>, header: &[u8; HEADER_LEN], version: u16) -> Result<Meta, Stop> {
     let dim = u32_at(header, 12);
     let n_spans = u32_at(header, 16);
     let n_labels = u32_at(header, 20);
@@ -348,8 +368,14 @@ fn decode_body<R: Read>(r: &mut Reader<R>, header: &[u8; HEADER_LEN], version: u
             return Err(Stop::Corrupt(format!("span record {s:?} out of range")));
         }
     }
-    let span_vectors = r.f32s(n_spans as u64 * dim as u64 * 4, "span vectors")?;
-    let utt_vectors = r.f32s(n_examples * dim as u64 * 4, "utterance vectors")?;
+    Ok(meta)
+}
+
+/// The vector and graph sections after the metadata.
+fn decode_sections<R: Read>(r: &mut Reader<R>, meta: Meta, header: &[u8; HEADER_LEN]) -> Result<Decoded, Stop> {
+    let (dim, n_spans, n_examples) = (u32_at(header, 12) as u64, meta.spans.len() as u64, meta.examples.len() as u64);
+    let span_vectors = r.f32s(n_spans * dim * 4, "span vectors")?;
+    let utt_vectors = r.f32s(n_examples * dim * 4, "utterance vectors")?;
     let span_graph = r.graph("span graph")?;
     let utt_graph = r.graph("utterance graph")?;
     if r.left != 0 {

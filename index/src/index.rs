@@ -468,6 +468,24 @@ impl SpanIndex {
         Self::load(d, expected, path)
     }
 
+    /// What an index file holds, from its header and metadata alone: the vectors and
+    /// graphs are read only to verify the checksum, not kept, so this takes little
+    /// memory and time next to [`open`](Self::open).
+    pub fn summary(path: &Path) -> Result<IndexSummary, IndexError> {
+        let file = std::fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
+        let len = file.metadata().map_err(|e| IndexError::io(path, e))?.len();
+        let (format_version, meta) = format::read_meta_from(std::io::BufReader::with_capacity(1 << 16, file), len, path)?;
+        Ok(IndexSummary {
+            format_version,
+            backend: resolve(meta.backend, meta.spans.len(), path)?,
+            n_examples: meta.examples.len(),
+            n_spans: meta.spans.len(),
+            encoder: meta.encoder,
+            params: meta.params,
+            labels: meta.labels,
+        })
+    }
+
     /// [`open`](Self::open) from bytes produced by [`to_bytes`](Self::to_bytes).
     pub fn from_bytes(bytes: &[u8], expected: Option<&EncoderInfo>) -> Result<SpanIndex, IndexError> {
         let path = memory_path();
@@ -521,6 +539,21 @@ impl SpanIndex {
             utt_tiles: OnceLock::new(),
         })
     }
+}
+
+/// An index file's description without its vectors ([`SpanIndex::summary`]).
+#[derive(Debug, Clone)]
+pub struct IndexSummary {
+    /// The format version the file was written in.
+    pub format_version: u16,
+    pub encoder: EncoderInfo,
+    /// The span backend [`SpanIndex::open`] would give it (never `Auto`).
+    pub backend: BackendKind,
+    pub params: HnswParams,
+    /// Label names, in id order.
+    pub labels: Vec<String>,
+    pub n_examples: usize,
+    pub n_spans: usize,
 }
 
 /// Where each example's spans start, from span records that must be grouped by example

@@ -58,7 +58,7 @@ mod index;
 
 pub use error::IndexError;
 pub use format::{file_format_version, CURRENT_VERSION, OLDEST_SUPPORTED_VERSION};
-pub use index::{SpanIndex, AUTO_EXACT_THRESHOLD};
+pub use index::{IndexSummary, SpanIndex, AUTO_EXACT_THRESHOLD};
 
 use serde::{Deserialize, Serialize};
 

@@ -461,6 +461,31 @@ mod format {
         }
     }
 
+    /// The summary says what opening says, without the vectors, and still refuses a
+    /// damaged file.
+    #[test]
+    fn summary_matches_the_opened_index_and_checks_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let (index, path, bytes) = saved(dir.path());
+        let s = SpanIndex::summary(&path).unwrap();
+        let opened = SpanIndex::open(&path, None).unwrap();
+        assert_eq!(s.format_version, CURRENT_VERSION);
+        assert_eq!((s.n_examples, s.n_spans), (index.n_examples(), index.n_spans()));
+        assert_eq!((s.n_examples, s.n_spans), (opened.n_examples(), opened.n_spans()));
+        assert_eq!(s.labels, opened.labels().map(str::to_string).collect::<Vec<_>>());
+        assert_eq!(s.encoder.fingerprint(), opened.encoder().fingerprint());
+        assert_eq!(s.backend, opened.backend());
+        assert_eq!(s.params.ef_search, opened.params().ef_search);
+        let mut b = bytes.clone();
+        let at = b.len() / 2;
+        b[at] ^= 0x40;
+        fs::write(&path, &b).unwrap();
+        let e = SpanIndex::summary(&path).unwrap_err();
+        assert!(e.to_string().contains("checksum mismatch") && e.to_string().contains("index.nsi"), "{e}");
+        fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(matches!(SpanIndex::summary(&path), Err(IndexError::Corrupt { .. })));
+    }
+
     #[test]
     fn truncated_is_corrupt_or_not_an_index() {
         let dir = tempfile::tempdir().unwrap();
