@@ -462,9 +462,8 @@ impl SpanIndex {
     /// Open an index saved by [`save`](Self::save). With `expected`, refuse an index built
     /// by another encoder ([`IndexError::EncoderMismatch`]) or of another dimension.
     pub fn open(path: &Path, expected: Option<&EncoderInfo>) -> Result<SpanIndex, IndexError> {
-        let file = std::fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
-        let len = file.metadata().map_err(|e| IndexError::io(path, e))?.len();
-        let d = format::decode_from(std::io::BufReader::with_capacity(1 << 16, file), len, path)?;
+        let (file, len) = open_file(path)?;
+        let d = format::decode_from(file, len, path)?;
         Self::load(d, expected, path)
     }
 
@@ -472,9 +471,8 @@ impl SpanIndex {
     /// graphs are read only to verify the checksum, not kept, so this takes little
     /// memory and time next to [`open`](Self::open).
     pub fn summary(path: &Path) -> Result<IndexSummary, IndexError> {
-        let file = std::fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
-        let len = file.metadata().map_err(|e| IndexError::io(path, e))?.len();
-        let (format_version, meta) = format::read_meta_from(std::io::BufReader::with_capacity(1 << 16, file), len, path)?;
+        let (file, len) = open_file(path)?;
+        let (format_version, meta) = format::read_meta_from(file, len, path)?;
         Ok(IndexSummary {
             format_version,
             backend: resolve(meta.backend, meta.spans.len(), path)?,
@@ -539,6 +537,13 @@ impl SpanIndex {
             utt_tiles: OnceLock::new(),
         })
     }
+}
+
+/// An index file, buffered for the small reads between its sections, and its length.
+fn open_file(path: &Path) -> Result<(std::io::BufReader<std::fs::File>, u64), IndexError> {
+    let file = std::fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
+    let len = file.metadata().map_err(|e| IndexError::io(path, e))?.len();
+    Ok((std::io::BufReader::with_capacity(1 << 16, file), len))
 }
 
 /// An index file's description without its vectors ([`SpanIndex::summary`]).
