@@ -8,7 +8,7 @@
 //! non-slot example. The alternative, slots only plus a similarity threshold, is
 //! `--no-o-spans`; BENCHMARKS.md compares the two.
 
-use nearspan_index::{EncoderInfo, ExampleId, NewSpan, SpanIndex};
+use nearspan_index::{BackendKind, EncoderInfo, ExampleId, NewSpan, SpanIndex};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Example, LabeledSpan};
@@ -433,6 +433,12 @@ pub fn retrieve_with_memory(
                     // Start ⊕ end vectors share their halves: score each half once.
                     let f = factored_span_vectors(enc, &ex.words, candidates);
                     let hits = index.search_spans_among_factored(&f.queries(), cfg.k, &nearest(m));
+                    (f.spans, hits)
+                }
+                None if build.pooling == SpanPooling::StartEnd && memory.is_none() && index.backend() == BackendKind::Exact => {
+                    // Every span, exactly: the same factoring, over every example.
+                    let f = factored_span_vectors(enc, &ex.words, candidates);
+                    let hits = index.search_spans_factored(&f.queries(), cfg.k);
                     (f.spans, hits)
                 }
                 prefilter => {
