@@ -429,16 +429,18 @@ pub fn retrieve_with_memory(
             let mut memory_hits: Vec<Vec<nearspan_index::Neighbor>> = Vec::new();
             let (spans, hits) = match cfg.prefilter {
                 _ if candidates.is_empty() => (candidates, Vec::new()),
-                Some(m) if build.pooling == SpanPooling::StartEnd && memory.is_none() => {
-                    // Start ⊕ end vectors share their halves: score each half once.
+                prefilter
+                    if build.pooling == SpanPooling::StartEnd
+                        && memory.is_none()
+                        && (prefilter.is_some() || index.backend() == BackendKind::Exact) =>
+                {
+                    // Start ⊕ end vectors share their halves: score each half once, among
+                    // the nearest examples' spans or, searching exactly, every example's.
                     let f = factored_span_vectors(enc, &ex.words, candidates);
-                    let hits = index.search_spans_among_factored(&f.queries(), cfg.k, &nearest(m));
-                    (f.spans, hits)
-                }
-                None if build.pooling == SpanPooling::StartEnd && memory.is_none() && index.backend() == BackendKind::Exact => {
-                    // Every span, exactly: the same factoring, over every example.
-                    let f = factored_span_vectors(enc, &ex.words, candidates);
-                    let hits = index.search_spans_factored(&f.queries(), cfg.k);
+                    let hits = match prefilter {
+                        Some(m) => index.search_spans_among_factored(&f.queries(), cfg.k, &nearest(m)),
+                        None => index.search_spans_factored(&f.queries(), cfg.k),
+                    };
                     (f.spans, hits)
                 }
                 prefilter => {

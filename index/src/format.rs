@@ -183,20 +183,23 @@ struct Reader<R> {
 }
 
 impl<R: Read> Reader<R> {
+    /// Whether `n` more bytes of content exist: asked before a section is allocated.
+    fn ensure_left(&self, n: u64, what: &str) -> Result<(), Stop> {
+        if n > self.left {
+            return Err(Stop::Corrupt(format!("{what} section claims {n} bytes, {} left", self.left)));
+        }
+        Ok(())
+    }
     /// Fills `buf` from the content, or says how short the content is.
     fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), Stop> {
-        if buf.len() as u64 > self.left {
-            return Err(Stop::Corrupt(format!("{what} section claims {} bytes, {} left", buf.len(), self.left)));
-        }
+        self.ensure_left(buf.len() as u64, what)?;
         self.src.read_exact(buf)?;
         self.crc.update(buf);
         self.left -= buf.len() as u64;
         Ok(())
     }
     fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>, Stop> {
-        if n > self.left {
-            return Err(Stop::Corrupt(format!("{what} section claims {n} bytes, {} left", self.left)));
-        }
+        self.ensure_left(n, what)?;
         let mut v = vec![0u8; n as usize];
         self.fill(&mut v, what)?;
         Ok(v)
@@ -218,9 +221,7 @@ impl<R: Read> Reader<R> {
         if n != expected_len {
             return Err(Stop::Corrupt(format!("{what} section has {n} bytes, header implies {expected_len}")));
         }
-        if n > self.left {
-            return Err(Stop::Corrupt(format!("{what} section claims {n} bytes, {} left", self.left)));
-        }
+        self.ensure_left(n, what)?;
         let mut v = vec![0f32; (n / 4) as usize];
         advise_huge_pages(bytemuck::cast_slice_mut(&mut v));
         self.fill(bytemuck::cast_slice_mut(&mut v), what)?;
@@ -238,7 +239,10 @@ impl<R: Read> Reader<R> {
     }
     /// Hashes whatever content is left, unread until now.
     fn drain(&mut self) -> io::Result<()> {
-        let mut buf = vec![0u8; 1 << 20];
+        if self.left == 0 {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; self.left.min(1 << 20) as usize];
         while self.left > 0 {
             let n = self.left.min(buf.len() as u64) as usize;
             self.src.read_exact(&mut buf[..n])?;
@@ -335,10 +339,11 @@ fn read_checked<R: Read, T>(
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
     let mut r = Reader { src, left: len - (HEADER_LEN + TRAILER_LEN) as u64, crc };
-    let body = body(&mut r, &header, version);
-    if let Err(Stop::Io(e)) = body {
-        return Err(IndexError::io(path, e));
-    }
+    let body = match body(&mut r, &header, version) {
+        Ok(t) => Ok(t),
+        Err(Stop::Corrupt(detail)) => Err(detail),
+        Err(Stop::Io(e)) => return Err(IndexError::io(path, e)),
+    };
     r.drain().map_err(|e| IndexError::io(path, e))?;
     let mut trailer = [0u8; TRAILER_LEN];
     r.src.read_exact(&mut trailer).map_err(|e| IndexError::io(path, e))?;
@@ -347,10 +352,7 @@ fn read_checked<R: Read, T>(
     if stored != computed {
         return Err(corrupt(format!("checksum mismatch: stored {stored:08x}, computed {computed:08x}")));
     }
-    body.map_err(|stop| match stop {
-        Stop::Corrupt(detail) => corrupt(detail),
-        Stop::Io(e) => IndexError::io(path, e),
-    })
+    body.map_err(corrupt)
 }
 
 /// The metadata section, checked against the header.

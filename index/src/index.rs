@@ -302,8 +302,13 @@ impl SpanIndex {
     /// up to rounding, at a fraction of the work when the rows factor too (each
     /// example's distinct halves scored once, two multiply-adds per row).
     pub fn search_spans_factored(&self, queries: &crate::backend::exact::FactoredQueries<'_>, k: usize) -> Vec<Vec<Neighbor>> {
-        let all: Vec<ExampleId> = (0..self.examples.len() as u32).map(ExampleId).collect();
-        self.search_spans_among_factored(queries, k, &all)
+        if let Some(halves) = self.span_halves() {
+            let all: Vec<usize> = (0..self.examples.len()).collect();
+            return halves.search(queries, &all, k);
+        }
+        // Rows that do not factor: every row is one contiguous run.
+        let all = 0..self.spans.len();
+        crate::backend::exact::factored_search_ranges(self.span_set.vectors.as_slice(), self.encoder.dim as usize, queries, std::slice::from_ref(&all), k)
     }
 
     /// Builds what [`search_spans_among_factored`](Self::search_spans_among_factored)

@@ -288,7 +288,8 @@ unsafe impl Sync for SharedOut {}
 /// and each 32-deep block `kb`, one 16 x 32 tile at `(rb * k_blocks + kb) * 512`, row
 /// `r` holding `x[rb*16 + r][kb*32..kb*32 + 32]`; rows past `rows` are zero up to
 /// `padded` (a multiple of 16). A tile load then reads one contiguous KiB instead of
-/// 16 rows 2k bytes apart: about 15% faster products here (BENCHMARKS.md).
+/// 16 rows 2k bytes apart: about 13% faster products in the medians of an A/B run here
+/// (BENCHMARKS.md, `amx_packing_ab.json`).
 fn pack_rows_amx(x: &[f32], rows: usize, k: usize, padded: usize) -> Vec<u16> {
     let k_blocks = k / 32;
     let mut a = vec![0u16; padded * k];
