@@ -333,11 +333,16 @@ impl QuerySettings {
         }
     }
 
-    /// The `--detector` file, checked against the encoder's vector size.
-    pub(crate) fn load_detector(&self, encoder: &Encoder) -> Result<Option<crate::detector::SpanDetector>> {
+    /// The `--detector` file, checked against the encoder's vector size; the encoder is
+    /// set to keep the layer the detector reads.
+    pub(crate) fn load_detector(&self, encoder: &mut Encoder) -> Result<Option<crate::detector::SpanDetector>> {
         match &self.detector {
             None => Ok(None),
-            Some(path) => Ok(Some(crate::detector::SpanDetector::load(path, encoder.info().hidden_size)?)),
+            Some(path) => {
+                let detector = crate::detector::SpanDetector::load(path, encoder.info().hidden_size)?;
+                encoder.set_tap_layer(detector.layer).with_context(|| format!("{}: the layer it reads", path.display()))?;
+                Ok(Some(detector))
+            }
         }
     }
 }
@@ -563,12 +568,12 @@ fn read_query_examples(a: &QueryArgs) -> Result<Vec<Example>> {
 
 fn query(a: QueryArgs, out: &mut dyn Write) -> Result<()> {
     let cfg = a.settings.config()?;
-    let encoder = a.model.load()?;
+    let mut encoder = a.model.load()?;
     let mut index = open_index(&a.index, &encoder)?;
     a.settings.apply(&mut index);
     let build = build_config(&index)?;
     let examples = read_query_examples(&a)?;
-    let detector = a.settings.load_detector(&encoder)?;
+    let detector = a.settings.load_detector(&mut encoder)?;
     let scorer = a.settings.load_scorer()?;
     let predictions = labeler::label_examples(&encoder, &index, &examples, &build, &cfg, detector.as_ref(), scorer.as_ref())?;
     let format = if a.json { OutputFormat::Json } else { a.format };
@@ -614,12 +619,12 @@ fn eval(a: EvalArgs, out: &mut dyn Write) -> Result<()> {
         (Some(gold), Some(pred), None, None) => crate::eval::evaluate_files(gold, pred)?,
         (None, None, Some(index_path), Some(data_path)) => {
             let cfg = a.settings.config()?;
-            let encoder = a.model.load()?;
+            let mut encoder = a.model.load()?;
             let mut index = open_index(index_path, &encoder)?;
             a.settings.apply(&mut index);
             let build = build_config(&index)?;
             let gold = load_examples(data_path, a.split.as_deref(), "test")?;
-            let detector = a.settings.load_detector(&encoder)?;
+            let detector = a.settings.load_detector(&mut encoder)?;
             let scorer = a.settings.load_scorer()?;
             let predictions = labeler::label_examples(&encoder, &index, &gold, &build, &cfg, detector.as_ref(), scorer.as_ref())?;
             let mut ev = Evaluator::new();

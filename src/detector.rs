@@ -39,6 +39,8 @@ pub enum DetectorError {
     NoPositives { max_width: usize },
     #[error("cannot average span detectors: {reason}")]
     Average { reason: String },
+    #[error("the span detector reads the states after layer {layer}, but the encoder did not keep them (Encoder::set_tap_layer)")]
+    MissingLayer { layer: usize },
 }
 
 /// A small network on four token vectors of a span: the token before it, its first and
@@ -53,6 +55,12 @@ pub enum DetectorError {
 pub struct SpanDetector {
     format: String,
     pub dim: usize,
+    /// Which token vectors it reads: the states after this many encoder layers, or the
+    /// last hidden state when absent (files written before the choice existed). Boundaries
+    /// are better read from a middle layer than from the last one, which span training
+    /// shapes for labels (BENCHMARKS.md, "Which layer the detector reads").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
     pub hidden: usize,
     pub max_width: usize,
     pub scale: f32,
@@ -78,11 +86,14 @@ pub struct FitConfig {
     /// Utterances per step.
     pub batch: usize,
     pub seed: u64,
+    /// The encoder layer a fresh detector reads ([`SpanDetector::layer`]); one being
+    /// adapted keeps its own.
+    pub layer: Option<usize>,
 }
 
 impl Default for FitConfig {
     fn default() -> Self {
-        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 8, epochs: 4, lr: 1e-3, batch: 32, seed: 7 }
+        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 8, epochs: 4, lr: 1e-3, batch: 32, seed: 7, layer: None }
     }
 }
 
@@ -113,18 +124,35 @@ fn span_tokens(word_tokens: &[std::ops::Range<usize>], n_tokens: usize, span: Wo
     Some(SpanTokens { rows: [before, tokens.start, tokens.end - 1, after], width: span.width() })
 }
 
+/// The token vectors a detector reading `layer` takes from `enc`, if `enc` has them.
+fn states_of(enc: &EncodedText, layer: Option<usize>) -> Option<&[f32]> {
+    match layer {
+        None => Some(&enc.hidden),
+        Some(l) => enc.tapped.as_ref().filter(|t| t.layer == l).map(|t| t.hidden.as_slice()),
+    }
+}
+
 impl SpanDetector {
+    /// # Panics
+    /// When `enc` lacks the layer this detector reads: the encoder was not set up with
+    /// [`crate::encoder::Encoder::set_tap_layer`] for it (a bug in the caller; the CLI
+    /// sets it wherever it loads a detector).
+    fn states<'a>(&self, enc: &'a EncodedText) -> &'a [f32] {
+        states_of(enc, self.layer).unwrap_or_else(|| panic!("{}", DetectorError::MissingLayer { layer: self.layer.unwrap_or(0) }))
+    }
+
     fn n_tokens(&self, enc: &EncodedText) -> usize {
-        enc.hidden.len() / self.dim.max(1)
+        self.states(enc).len() / self.dim.max(1)
     }
 
     /// Projects every token of `enc` by every role: `(tokens × ROLES × hidden)`.
     fn project(&self, enc: &EncodedText) -> Vec<f32> {
         let inv = 1.0 / self.scale;
         let rows = ROLES * self.hidden;
+        let states = self.states(enc);
         let mut out = vec![0f32; self.n_tokens(enc) * rows];
         for (t, o) in out.chunks_exact_mut(rows).enumerate() {
-            let h = enc.token_vector(t);
+            let h = &states[t * self.dim..(t + 1) * self.dim];
             for (r, x) in o.iter_mut().enumerate() {
                 *x = dot(&self.w_tokens[r * self.dim..(r + 1) * self.dim], h) * inv;
             }
@@ -189,10 +217,10 @@ impl SpanDetector {
     /// small network (adapting it fits all its units together).
     pub fn average(members: &[SpanDetector]) -> Result<SpanDetector, DetectorError> {
         let first = members.first().ok_or_else(|| DetectorError::Average { reason: "no detectors given".into() })?;
-        if let Some(m) = members.iter().find(|m| m.dim != first.dim || m.max_width != first.max_width) {
+        if let Some(m) = members.iter().find(|m| m.dim != first.dim || m.max_width != first.max_width || m.layer != first.layer) {
             let reason = format!(
-                "they differ in vector size or maximum width ({}-dim, width {} against {}-dim, width {})",
-                first.dim, first.max_width, m.dim, m.max_width
+                "they differ in vector size, maximum width or layer ({}-dim, width {}, layer {:?} against {}-dim, width {}, layer {:?})",
+                first.dim, first.max_width, first.layer, m.dim, m.max_width, m.layer
             );
             return Err(DetectorError::Average { reason });
         }
@@ -216,6 +244,7 @@ impl SpanDetector {
         Ok(SpanDetector {
             format: FORMAT.into(),
             dim,
+            layer: first.layer,
             hidden,
             max_width,
             scale: first.scale,
@@ -242,17 +271,19 @@ impl SpanDetector {
     ) -> Result<(SpanDetector, FitReport), DetectorError> {
         use rayon::prelude::*;
         let dim = encoded.first().map_or(0, |e| e.dim);
+        let layer = init.map_or(cfg.layer, |d| d.layer);
         // Per utterance: its spans in token terms and which are slots.
         let mut data: Vec<Vec<(SpanTokens, bool)>> = Vec::with_capacity(examples.len());
         let (mut norm_sum, mut norm_n) = (0f64, 0usize);
         for (ex, enc) in examples.iter().zip(encoded) {
+            let states = states_of(enc, layer).ok_or(DetectorError::MissingLayer { layer: layer.unwrap_or(0) })?;
             let word_tokens = enc.tokens.align_words(&ex.words);
-            let n_tokens = enc.hidden.len() / dim.max(1);
+            let n_tokens = states.len() / dim.max(1);
             let gold: Vec<WordSpan> = ex.spans.iter().map(|s| s.words()).collect();
             let spans = candidate_spans(ex.words.len(), cfg.max_width);
             data.push(spans.iter().filter_map(|&s| Some((span_tokens(&word_tokens, n_tokens, s)?, gold.contains(&s)))).collect());
-            for t in 0..n_tokens {
-                norm_sum += dot(enc.token_vector(t), enc.token_vector(t)).sqrt() as f64;
+            for h in states.chunks_exact(dim.max(1)) {
+                norm_sum += dot(h, h).sqrt() as f64;
                 norm_n += 1;
             }
         }
@@ -317,6 +348,7 @@ impl SpanDetector {
         SpanDetector {
             format: FORMAT.into(),
             dim,
+            layer: cfg.layer,
             hidden: hd,
             max_width: cfg.max_width,
             scale,
@@ -376,8 +408,9 @@ impl SpanDetector {
         }
         // proj[t][r] = W[r] · h_t / s, so dW[r] += d_proj[t][r] · h_t / s.
         let inv = 1.0 / self.scale;
+        let states = self.states(enc);
         for t in 0..n_tokens {
-            let h = enc.token_vector(t);
+            let h = &states[t * dim..(t + 1) * dim];
             for r in 0..rows {
                 let d = d_proj[t * rows + r];
                 if d != 0.0 {
@@ -495,7 +528,7 @@ mod tests {
         offsets.push((0, 0));
         let tokens = TokenizedText { ids: vec![0; rows.len()], tokens: vec![String::new(); rows.len()], offsets };
         let dim = rows[0].len();
-        (ex, EncodedText { tokens, hidden: rows.concat(), dim })
+        (ex, EncodedText { tokens, hidden: rows.concat(), dim, tapped: None })
     }
 
     fn random_detector(dim: usize, hidden: usize, max_width: usize, seed: u64) -> SpanDetector {
@@ -504,6 +537,7 @@ mod tests {
         SpanDetector {
             format: FORMAT.into(),
             dim,
+            layer: None,
             hidden,
             max_width,
             scale: 1.3,
@@ -580,7 +614,7 @@ mod tests {
         };
         let (train, test) = (make(300), make(50));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
-        let cfg = FitConfig { max_width: 6, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1 };
+        let cfg = FitConfig { max_width: 6, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None };
         let (det, report) = SpanDetector::fit(&ex, &enc, &cfg).unwrap();
         assert!(report.loss.last().unwrap() < &(report.loss[0] / 4.0), "{:?}", report.loss);
         let mut wrong = 0;
@@ -616,6 +650,46 @@ mod tests {
         assert!(err.contains("4-dim") && err.contains("5-dim"), "{err}");
     }
 
+    /// A detector reading an earlier layer learns from that layer's states: where only
+    /// they mark the slots (the last hidden state is noise), it finds them and one reading
+    /// the last state does not; encodings without that layer are an error when fitting.
+    #[test]
+    fn a_detector_reads_the_layer_it_was_fitted_on() {
+        let mut rng = Rng::new(6);
+        let mut make = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    let marked: Vec<bool> = (0..6).map(|_| rng.below(3) == 0).collect();
+                    let mut tap = vec![vec![0.0, 0.0, 1.0]];
+                    tap.extend(marked.iter().map(|&m| vec![if m { 1.0 } else { -1.0 }, 0.0, 0.0]));
+                    tap.push(vec![0.0, 0.0, -1.0]);
+                    let noise: Vec<Vec<f32>> = (0..8).map(|_| (0..3).map(|_| rng.unit() - 0.5).collect()).collect();
+                    let slots: Vec<(usize, usize)> = (0..6).filter(|&i| marked[i]).map(|i| (i, i + 1)).collect();
+                    let (ex, mut enc) = utterance(&noise, &slots);
+                    enc.tapped = Some(crate::encoder::Tapped { layer: 2, hidden: tap.concat() });
+                    (ex, enc)
+                })
+                .collect::<Vec<_>>()
+        };
+        let (train, test) = (make(200), make(40));
+        let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
+        let cfg = |layer| FitConfig { max_width: 1, hidden: 4, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer };
+        let wrong = |det: &SpanDetector| {
+            test.iter()
+                .filter(|(ex, enc)| det.detect(enc, &ex.words, 1, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
+                .count()
+        };
+        let (tapped, _) = SpanDetector::fit(&ex, &enc, &cfg(Some(2))).unwrap();
+        assert_eq!(tapped.layer, Some(2));
+        assert!(wrong(&tapped) <= 1, "{} of 40 wrong reading layer 2", wrong(&tapped));
+        let (last, _) = SpanDetector::fit(&ex, &enc, &cfg(None)).unwrap();
+        assert!(wrong(&last) >= 20, "reading the noise should fail, {} of 40 wrong", wrong(&last));
+        let err = SpanDetector::fit(&ex, &enc, &cfg(Some(3))).unwrap_err();
+        assert!(matches!(err, DetectorError::MissingLayer { layer: 3 }), "{err}");
+        let err = SpanDetector::average(&[tapped, last]).unwrap_err().to_string();
+        assert!(err.contains("layer"), "{err}");
+    }
+
     #[test]
     fn fitting_without_any_slot_is_an_error() {
         let (ex, enc) = utterance(&[vec![0.0, 1.0], vec![1.0, 0.0], vec![0.0, -1.0]], &[]);
@@ -631,6 +705,11 @@ mod tests {
         let det = random_detector(4, 3, 2, 9);
         det.save(&path).unwrap();
         assert_eq!(SpanDetector::load(&path, 4).unwrap(), det);
+        // Files from before the layer choice read the last hidden state; a layer round-trips.
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("layer"));
+        let layered = SpanDetector { layer: Some(3), ..det.clone() };
+        layered.save(&path).unwrap();
+        assert_eq!(SpanDetector::load(&path, 4).unwrap().layer, Some(3));
         let err = SpanDetector::load(&path, 5).unwrap_err().to_string();
         assert!(err.contains("span_detector.json") && err.contains("4-dim") && err.contains("5"), "{err}");
 

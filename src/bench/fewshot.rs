@@ -420,7 +420,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         return run_finetune(a, out);
     }
     // One encoder for all folds (its cache then serves every fold), or one per fold.
-    let shared_encoder = match &a.fold_models {
+    let mut shared_encoder = match &a.fold_models {
         None => Some(a.model.load()?),
         Some(_) => None,
     };
@@ -440,7 +440,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
         None => None,
     };
     for &fold in &a.folds {
-        let fold_encoder = match &a.fold_models {
+        let mut fold_encoder = match &a.fold_models {
             Some(pattern) => {
                 let dir = PathBuf::from(pattern.replace("{fold}", &fold.to_string()));
                 model_name = pattern.clone();
@@ -448,7 +448,8 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             }
             None => None,
         };
-        let encoder = fold_encoder.as_ref().or(shared_encoder.as_ref()).expect("a shared or a per-fold encoder");
+        let own_encoder = fold_encoder.is_some();
+        let encoder = fold_encoder.as_mut().or(shared_encoder.as_mut()).expect("a shared or a per-fold encoder");
         // --detector may name each fold's file with `{fold}`, like --fold-models.
         let detector = match &a.settings.detector {
             Some(pattern) => {
@@ -457,6 +458,13 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             }
             None => None,
         };
+        // The detector's layer must be in every encoding; cached ones without it go.
+        let tap = detector.as_ref().and_then(|d| d.layer);
+        if encoder.tap_layer() != tap {
+            carried.clear();
+        }
+        encoder.set_tap_layer(tap).with_context(|| format!("fold {fold}: --detector"))?;
+        let encoder = &*encoder;
         let slotness = Slotness { detector: detector.as_ref(), adapt_epochs: a.detector_adapt, oracle: a.oracle_detector };
         let mut fold_cache =
             EncodingCache { encoder, batch_size: base_cfg.batch_size, map: std::mem::take(&mut carried), slotness };
@@ -512,7 +520,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             .map(|ep| episode_report(&run_episode(cache, ep, &build, &cfg, pool, memory_discount)?, ep, &cfg, scorer))
             .collect::<Result<_>>()?;
         let scores: Vec<f64> = reports.iter().map(|r| 100.0 * r.micro.f1).collect();
-        if fold_encoder.is_none() {
+        if !own_encoder {
             carried = fold_cache.map;
         }
         let f1 = mean(&scores);

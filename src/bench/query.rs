@@ -106,7 +106,7 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
     let load_at_start = super::loadavg_1min();
     pin_candle_threads(a.threads);
 
-    let encoder = a.model.load()?;
+    let mut encoder = a.model.load()?;
     let mut index = crate::cli::open_index(&a.index, &encoder)?;
     a.settings.apply(&mut index);
     let build = crate::cli::build_config(&index)?;
@@ -125,7 +125,7 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
 
     let load = super::loadavg_1min();
     let cpu = CpuSample::now();
-    let detector = a.settings.load_detector(&encoder)?;
+    let detector = a.settings.load_detector(&mut encoder)?;
     let scorer = a.settings.load_scorer()?;
     let ours = || measure_ours(&encoder, &index, &test.examples, &build, &cfg, (detector.as_ref(), scorer.as_ref()), a.single);
     let (ours, predictions) = pool.install(ours)?;

@@ -249,6 +249,13 @@ pub struct DetectorArgs {
     /// logit is their mean (hidden layer N × --hidden wide).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16).map(|v| v as usize), conflicts_with = "init")]
     pub ensemble: usize,
+    /// Which token vectors it reads: `middle` (after half the encoder's layers: 3 of
+    /// the default encoder's 6; on the few-shot SNIPS dev domains this finds slot
+    /// boundaries better than the last layer, BENCHMARKS.md), `last`, or a number of layers
+    /// (0: the embeddings). An ensemble of encoders gives `last` only. A detector given
+    /// as --init keeps its own.
+    #[arg(long, default_value = "middle", conflicts_with = "init")]
+    pub layer: DetectorLayer,
     /// Also report how well it finds the slots (any label, strict boundaries) of these
     /// intents' examples in --data, e.g. the dev domain (comma-separated; excluded from fitting).
     #[arg(long, value_delimiter = ',')]
@@ -256,6 +263,38 @@ pub struct DetectorArgs {
     /// Where to write it (JSON), e.g. span_detector.json beside the model's weights.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `train detector --layer`: which encoder layer's token vectors a new detector reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectorLayer {
+    Last,
+    Middle,
+    After(usize),
+}
+
+impl std::str::FromStr for DetectorLayer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "last" => Ok(Self::Last),
+            "middle" => Ok(Self::Middle),
+            n => n.parse().map(Self::After).map_err(|_| format!("{n:?} is not a layer; expected \"middle\", \"last\" or a number of layers")),
+        }
+    }
+}
+
+impl DetectorLayer {
+    /// The layer to keep for an encoder of `n_layers` layers (`None`: the last hidden
+    /// state, which every encoding has anyway).
+    pub fn resolve(self, n_layers: usize) -> Option<usize> {
+        match self {
+            Self::Last => None,
+            Self::Middle => Some(n_layers / 2),
+            Self::After(n) if n == n_layers => None,
+            Self::After(n) => Some(n),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -298,7 +337,7 @@ fn scorer(a: ScorerArgs, out: &mut dyn Write) -> Result<()> {
         bail!("train scorer: --scorer is what it writes; give --out instead");
     }
     let cfg = a.settings.config()?;
-    let encoder = a.model.load()?;
+    let mut encoder = a.model.load()?;
     let mut index = super::open_index(&a.index, &encoder)?;
     a.settings.apply(&mut index);
     let build = super::build_config(&index)?;
@@ -317,7 +356,7 @@ fn scorer(a: ScorerArgs, out: &mut dyn Write) -> Result<()> {
             a.index.display()
         );
     }
-    let detector = a.settings.load_detector(&encoder)?;
+    let detector = a.settings.load_detector(&mut encoder)?;
     let retrieved = labeler::retrieve(&encoder, &index, &data, &build, &cfg, detector.as_ref())?;
     let labeled: Vec<Labeled> = data.iter().zip(&retrieved).map(|(ex, r)| Labeled::new(r, ex, &index)).collect();
     let mut scorer = SlotScorer::fit(&labeled, &ScorerFit::default())
@@ -355,7 +394,7 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
     if a.epochs == 0 || a.hidden == 0 || a.batch == 0 || !(a.lr > 0.0 && a.lr.is_finite()) {
         bail!("--epochs, --hidden and --batch must be at least 1 and --lr a positive number");
     }
-    let encoder = a.model.load()?;
+    let mut encoder = a.model.load()?;
     let mut more_left_out = a.fold.map(fold_domains).unwrap_or_default();
     more_left_out.extend(a.eval_intents.iter().cloned());
     let (examples, _) = a.source.load(&more_left_out)?;
@@ -367,18 +406,23 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
             .collect(),
     };
     let started = std::time::Instant::now();
-    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let encoded = encoder.encode(&texts, crate::encoder::DEFAULT_BATCH_SIZE)?;
     let init = match &a.init {
         Some(path) => Some(SpanDetector::load(path, encoder.info().hidden_size)?),
         None => None,
     };
+    let layer = match &init {
+        Some(d) => d.layer,
+        None => a.layer.resolve(encoder.n_layers()),
+    };
+    encoder.set_tap_layer(layer)?;
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let encoded = encoder.encode(&texts, crate::encoder::DEFAULT_BATCH_SIZE)?;
     // A detector to adapt keeps its own shape.
     let (max_width, hidden) = init.as_ref().map_or((a.max_width, a.hidden), |d| (d.max_width, d.hidden));
     let (members, reports): (Vec<SpanDetector>, Vec<_>) = (a.seed..)
         .take(a.ensemble)
         .map(|seed| {
-            let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch };
+            let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch, layer };
             SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)
                 .with_context(|| format!("{}: fitting the span detector", a.source.data.display()))
         })

@@ -220,6 +220,12 @@ impl BertModel {
     /// `input_ids`, `attention_mask`: (batch, tokens) u32; returns the last hidden state
     /// (batch, tokens, hidden) in f32.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        Ok(self.forward_tapped(input_ids, attention_mask, mode, None)?.0)
+    }
+
+    /// [`BertModel::forward`], and with `tap = Some(l)` also the hidden states after the
+    /// first `l` layers (0: the embeddings), the same shape.
+    pub fn forward_tapped(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: ForwardMode, tap: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
         let _span = tracing::debug_span!("bert_forward").entered();
         let (b, t) = input_ids.dims2()?;
         // (1 - mask) * -10000 as in the original BERT: padding gets ~0 attention.
@@ -228,17 +234,32 @@ impl BertModel {
             ForwardMode::Inference => {
                 let token_type_ids = input_ids.zeros_like()?;
                 let mut xs = self.embeddings.forward(input_ids, &token_type_ids)?;
-                for layer in &self.layers {
+                let mut tapped = None;
+                for (done, layer) in self.layers.iter().enumerate() {
+                    if tap == Some(done) {
+                        tapped = Some(xs.clone());
+                    }
                     xs = layer.forward(&xs, &mask_bias)?;
                 }
-                Ok(xs)
+                if tap == Some(self.layers.len()) {
+                    tapped = Some(xs.clone());
+                }
+                Ok((xs, tapped))
             }
             ForwardMode::Train { dropout } => {
                 let mut xs = self.embeddings.forward_train(input_ids, dropout)?;
-                for layer in &self.layers {
+                let mut tapped = None;
+                for (done, layer) in self.layers.iter().enumerate() {
+                    if tap == Some(done) {
+                        tapped = Some(xs.reshape((b, t, ()))?);
+                    }
                     xs = layer.forward_train(&xs, &mask_bias, t, dropout)?;
                 }
-                xs.reshape((b, t, ()))
+                let xs = xs.reshape((b, t, ()))?;
+                if tap == Some(self.layers.len()) {
+                    tapped = Some(xs.clone());
+                }
+                Ok((xs, tapped))
             }
         }
     }

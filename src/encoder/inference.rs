@@ -152,6 +152,13 @@ impl InferenceBert {
     /// against the position table and ids against the vocabulary (the tokenizer's ids
     /// always are); out-of-range ones are an error here rather than a panic.
     pub fn forward(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<f32>> {
+        Ok(self.forward_tapped(texts, None)?.0)
+    }
+
+    /// [`InferenceBert::forward`], and with `tap = Some(l)` also the hidden states after
+    /// the first `l` layers (0: the embeddings), packed the same way. Callers check `l`
+    /// against the number of layers.
+    pub fn forward_tapped(&self, texts: &[&[u32]], tap: Option<usize>) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
         let h = self.hidden;
         let lens: Vec<usize> = texts.iter().map(|t| t.len()).collect();
         if let Some(&n) = lens.iter().find(|&&n| n > self.max_positions) {
@@ -176,7 +183,11 @@ impl InferenceBert {
         let mut projected = vec![0f32; rows * h];
         let mut up = vec![0f32; rows * inter];
         let mut activated = vec![0f32; rows * inter];
-        for layer in &self.layers {
+        let mut tapped = None;
+        for (done, layer) in self.layers.iter().enumerate() {
+            if tap == Some(done) {
+                tapped = Some(x.clone());
+            }
             let _span = tracing::trace_span!("bert_layer_packed").entered();
             layer.qkv.matmul(&x, rows, &mut qkv);
             attention(&qkv, &layer.qkv_bias, &lens, self.heads, &mut context);
@@ -198,21 +209,35 @@ impl InferenceBert {
             layer.down.matmul(&activated, rows, &mut projected);
             bias_residual_norm(&projected, &layer.down_bias, &mut x, &layer.norm);
         }
-        Ok(x)
+        if tap == Some(self.layers.len()) {
+            tapped = Some(x.clone());
+        }
+        Ok((x, tapped))
     }
 
     /// [`InferenceBert::forward`] split back into one (tokens x hidden) row block per text.
     pub fn forward_per_text(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let packed = self.forward(texts)?;
-        let mut rest = packed.as_slice();
+        Ok(self.forward_per_text_tapped(texts, None)?.into_iter().map(|(rows, _)| rows).collect())
+    }
+
+    /// [`InferenceBert::forward_tapped`] split back per text: (last hidden state, tapped
+    /// states) row blocks.
+    pub fn forward_per_text_tapped(&self, texts: &[&[u32]], tap: Option<usize>) -> candle_core::Result<Vec<(Vec<f32>, Option<Vec<f32>>)>> {
+        let (packed, tapped) = self.forward_tapped(texts, tap)?;
+        let mut offset = 0;
         Ok(texts
             .iter()
             .map(|t| {
-                let (rows, tail) = rest.split_at(t.len() * self.hidden);
-                rest = tail;
-                rows.to_vec()
+                let range = offset * self.hidden..(offset + t.len()) * self.hidden;
+                offset += t.len();
+                (packed[range.clone()].to_vec(), tapped.as_ref().map(|x| x[range].to_vec()))
             })
             .collect())
+    }
+
+    /// Number of transformer layers.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// Word + position + token-type embeddings, layer-normalized, into `x`.

@@ -56,6 +56,10 @@ pub enum EncoderError {
     EnsembleNotTrainable { dir: PathBuf },
     #[error("model computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("{}: cannot keep the states after layer {layer}: the model has {layers} layers", .dir.display())]
+    TapLayer { dir: PathBuf, layer: usize, layers: usize },
+    #[error("{}: an ensemble of encoders gives the last layer only; a span detector that reads layer {layer} needs a single model (fit one with --layer last)", .dir.display())]
+    EnsembleTap { dir: PathBuf, layer: usize },
 }
 
 /// Who the encoder is: enough to tell two encoders' vectors apart.
@@ -77,6 +81,17 @@ pub struct EncodedText {
     /// (tokens × dim) row-major last hidden state, [CLS] and [SEP] included.
     pub hidden: Vec<f32>,
     pub dim: usize,
+    /// The states after an earlier layer, when the encoder was asked to keep them
+    /// ([`Encoder::set_tap_layer`]): what a span detector reading that layer takes.
+    pub tapped: Option<Tapped>,
+}
+
+/// Hidden states after the first `layer` layers (0: the embeddings), laid out as
+/// [`EncodedText::hidden`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tapped {
+    pub layer: usize,
+    pub hidden: Vec<f32>,
 }
 
 impl EncodedText {
@@ -106,6 +121,8 @@ pub struct Encoder {
     /// The other members of an ensemble ([`ensemble`]): each token's vector is this
     /// model's followed by theirs, in order. Empty for a single model.
     members: Vec<Encoder>,
+    /// Keep the states after this many layers too ([`EncodedText::tapped`]).
+    tap: Option<usize>,
 }
 
 /// Paths of the three files a model folder must hold, checked up front.
@@ -201,7 +218,33 @@ impl Encoder {
             max_tokens: config.max_position_embeddings,
         };
         let own_dim = config.hidden_size;
-        Ok(Self { model, inference: None, tokenizer, device, info, own_dim, members: Vec::new() })
+        Ok(Self { model, inference: None, tokenizer, device, info, own_dim, members: Vec::new(), tap: None })
+    }
+
+    /// Makes [`Encoder::encode`] also keep the states after the first `layer` layers
+    /// (`None`: the last hidden state only), for a span detector that reads them.
+    pub fn set_tap_layer(&mut self, layer: Option<usize>) -> Result<(), EncoderError> {
+        if let Some(l) = layer {
+            let layers = self.model.config().num_hidden_layers;
+            if l > layers {
+                return Err(EncoderError::TapLayer { dir: self.info.dir.clone(), layer: l, layers });
+            }
+            if !self.members.is_empty() {
+                return Err(EncoderError::EnsembleTap { dir: self.info.dir.clone(), layer: l });
+            }
+        }
+        self.tap = layer;
+        Ok(())
+    }
+
+    /// Number of transformer layers (of the first member, in an ensemble).
+    pub fn n_layers(&self) -> usize {
+        self.model.config().num_hidden_layers
+    }
+
+    /// The layer [`Encoder::encode`] keeps besides the last, if any.
+    pub fn tap_layer(&self) -> Option<usize> {
+        self.tap
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -286,11 +329,17 @@ impl Encoder {
     /// The inference pass over texts given as token ids: per text, (tokens × hidden)
     /// rows; in an ensemble each token's row is the members' vectors side by side.
     fn forward_per_text(&self, ids: &[&[u32]]) -> Result<Vec<Vec<f32>>, EncoderError> {
+        Ok(self.forward_per_text_tapped(ids)?.into_iter().map(|(rows, _)| rows).collect())
+    }
+
+    /// [`Encoder::forward_per_text`] with the states of [`Encoder::set_tap_layer`]
+    /// (never set on an ensemble).
+    fn forward_per_text_tapped(&self, ids: &[&[u32]]) -> Result<Vec<(Vec<f32>, Option<Vec<f32>>)>, EncoderError> {
         let model = self.inference.as_ref().expect("called on encoders loaded for inference only");
-        let own = model.forward_per_text(ids)?;
         if self.members.is_empty() {
-            return Ok(own);
+            return Ok(model.forward_per_text_tapped(ids, self.tap)?);
         }
+        let own = model.forward_per_text(ids)?;
         let theirs: Vec<Vec<Vec<f32>>> = self.members.iter().map(|m| m.forward_per_text(ids)).collect::<Result<_, _>>()?;
         let widths: Vec<usize> = std::iter::once(self.own_dim).chain(self.members.iter().map(|m| m.info.hidden_size)).collect();
         Ok(own
@@ -298,7 +347,7 @@ impl Encoder {
             .enumerate()
             .map(|(text, first)| {
                 let parts: Vec<&[f32]> = std::iter::once(first.as_slice()).chain(theirs.iter().map(|t| t[text].as_slice())).collect();
-                ensemble::interleave(&parts, &widths)
+                (ensemble::interleave(&parts, &widths), None)
             })
             .collect())
     }
@@ -316,27 +365,39 @@ impl Encoder {
         let mut order: Vec<usize> = (0..tokenized.len()).collect();
         order.sort_by_key(|&i| tokenized[i].len());
         let mut hidden: Vec<Option<Vec<f32>>> = vec![None; tokenized.len()];
+        let mut tapped: Vec<Option<Vec<f32>>> = vec![None; tokenized.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             if self.inference.is_some() {
                 let ids: Vec<&[u32]> = chunk.iter().map(|&i| tokenized[i].ids.as_slice()).collect();
-                for (&i, rows) in chunk.iter().zip(self.forward_per_text(&ids)?) {
+                for (&i, (rows, tap)) in chunk.iter().zip(self.forward_per_text_tapped(&ids)?) {
                     hidden[i] = Some(rows);
+                    tapped[i] = tap;
                 }
                 continue;
             }
             let batch: Vec<&TokenizedText> = chunk.iter().map(|&i| &tokenized[i]).collect();
-            let out = self.forward(&batch, ForwardMode::Inference)?;
+            let (ids, mask) = self.batch_tensors(&batch)?;
+            let (out, tap) = self.model.forward_tapped(&ids, &mask, ForwardMode::Inference, self.tap)?;
             let t = out.dim(1)?;
             let flat = out.flatten_all()?.to_vec1::<f32>()?;
+            let tap_flat = tap.map(|x| x.flatten_all()?.to_vec1::<f32>()).transpose()?;
             for (row, &i) in chunk.iter().enumerate() {
-                let n = tokenized[i].len();
-                hidden[i] = Some(flat[row * t * dim..(row * t + n) * dim].to_vec());
+                let rows = row * t * dim..(row * t + tokenized[i].len()) * dim;
+                hidden[i] = Some(flat[rows.clone()].to_vec());
+                tapped[i] = tap_flat.as_ref().map(|x| x[rows].to_vec());
             }
         }
+        let tap_layer = self.tap;
         Ok(tokenized
             .into_iter()
             .zip(hidden)
-            .map(|(tokens, hidden)| EncodedText { tokens, hidden: hidden.unwrap_or_default(), dim })
+            .zip(tapped)
+            .map(|((tokens, hidden), tapped)| EncodedText {
+                tokens,
+                hidden: hidden.unwrap_or_default(),
+                dim,
+                tapped: tap_layer.zip(tapped).map(|(layer, hidden)| Tapped { layer, hidden }),
+            })
             .collect())
     }
 }

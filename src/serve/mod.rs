@@ -293,12 +293,12 @@ pub fn run(a: ServeArgs, out: &mut dyn Write) -> Result<()> {
     for origin in &a.cors_origin {
         routes::check_origin(origin)?;
     }
-    let encoder = a.model.load()?;
+    let mut encoder = a.model.load()?;
     let mut index = crate::cli::open_index(&a.index, &encoder)?;
     // --ef, and with --prefilter the span halves built before the first request.
     a.settings.apply(&mut index);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    let detector = a.settings.load_detector(&encoder)?.map(Arc::new);
+    let detector = a.settings.load_detector(&mut encoder)?.map(Arc::new);
     let scorer = a.settings.load_scorer()?.map(Arc::new);
     let options = Options { limits: a.limits, query, detector, scorer, api_key: a.api_key, cors_origins: a.cors_origin };
     let result = rt.block_on(async {

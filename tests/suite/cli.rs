@@ -504,6 +504,22 @@ fn train_detector_then_query_and_eval_with_it() {
     let fitted = json(&std::fs::read_to_string(&det).unwrap());
     assert_eq!(fitted["hidden"], 8, "the default width");
     assert_eq!(fitted["w_width"].as_array().unwrap().len(), 8 * 10, "one row per width up to the default 10");
+    assert_eq!(fitted["layer"], 3, "by default it reads the middle of the encoder's 6 layers");
+    // The last layer: the file names no layer (as files from before the choice); asking
+    // for all 6 layers by number is the same; a layer past the model's is refused.
+    for (arg, name) in [("last", "last.json"), ("6", "six.json")] {
+        ok(d, &["train", "detector", "--data", s(&smarthome()), "--epochs", "1", "--layer", arg, "--out", s(&d.join(name))]);
+        let f = json(&std::fs::read_to_string(d.join(name)).unwrap());
+        assert!(f.get("layer").is_none(), "--layer {arg}: {f}");
+    }
+    let two = json(&{
+        ok(d, &["train", "detector", "--data", s(&smarthome()), "--epochs", "1", "--layer", "2", "--out", s(&d.join("two.json"))]);
+        std::fs::read_to_string(d.join("two.json")).unwrap()
+    });
+    assert_eq!(two["layer"], 2);
+    fails(d, &["train", "detector", "--data", s(&smarthome()), "--layer", "9", "--out", s(&d.join("x.json"))], &["layer 9", "6 layers"]);
+    fails(d, &["train", "detector", "--data", s(&smarthome()), "--layer", "top", "--out", s(&d.join("x.json"))], &["\"top\" is not a layer"]);
+    ok(d, &["query", "--index", s(&index), "--detector", s(&d.join("last.json")), "--json", "turn off the bedroom lamp"]);
 
     // An ensemble of 2 is one detector with both hidden layers; its first member is the
     // detector fitted above (same seed), so its first 8 output weights are halved.
@@ -524,6 +540,7 @@ fn train_detector_then_query_and_eval_with_it() {
     ok(d, &["train", "detector", "--data", s(&smarthome()), "--init", s(&det), "--epochs", "2", "--batch", "4", "--hidden", "3", "--out", s(&adapted)]);
     let a = json(&std::fs::read_to_string(&adapted).unwrap());
     assert_eq!(a["hidden"], 8, "--init keeps the detector's own width");
+    assert_eq!(a["layer"], 3, "--init keeps the detector's own layer");
     assert_ne!(a["w_out"], fitted["w_out"]);
 
     let out = ok(d, &["query", "--index", s(&index), "--detector", s(&adapted), "--json", "turn off the bedroom lamp"]);
@@ -581,4 +598,9 @@ fn ensemble_folder_serves_wherever_a_model_folder_does() {
     assert!(with_ensemble[0].1.iter().any(|(l, t)| l == "device" && t == "lights"), "{with_ensemble:?}");
     // The index knows which encoder wrote it: the single model cannot query it.
     fails(d, &["query", "--index", s(&doubled), "turn on the lights"], &["ens.nsi"]);
+    // An ensemble gives the last layer only: a detector for it says so.
+    let det = d.join("ens_det.json");
+    fails(d, &["train", "detector", "--model", s(&ens), "--data", s(&smarthome()), "--epochs", "1", "--out", s(&det)], &["ensemble", "--layer last"]);
+    ok(d, &["train", "detector", "--model", s(&ens), "--data", s(&smarthome()), "--epochs", "1", "--layer", "last", "--out", s(&det)]);
+    assert_eq!(json(&std::fs::read_to_string(&det).unwrap())["dim"], 768);
 }

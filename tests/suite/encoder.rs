@@ -128,6 +128,44 @@ fn bf16_path_stays_within_tolerance_of_f32() {
     );
 }
 
+/// An encoder set to keep an earlier layer's states gives them beside the last hidden
+/// state: after every layer they are the last state itself; after 3 of 6 they differ from
+/// it, and the packed inference pass and the candle model agree on them; no tap, no
+/// states; a layer the model does not have is an error naming it.
+#[test]
+fn tapped_layer_states_agree_between_both_passes() {
+    use nearspan::encoder::Encoder;
+    let fx = fixture();
+    let texts: Vec<&str> = fx.sentences.iter().map(|s| s.text.as_str()).collect();
+    let mut enc = Encoder::load(&crate::common::model_dir()).unwrap();
+    assert!(enc.encode(&texts[..1], 1).unwrap()[0].tapped.is_none());
+    enc.set_tap_layer(Some(6)).unwrap();
+    for e in enc.encode(&texts, 3).unwrap() {
+        let t = e.tapped.as_ref().expect("tapped states");
+        assert_eq!((t.layer, &t.hidden), (6, &e.hidden));
+    }
+    enc.set_tap_layer(Some(3)).unwrap();
+    let encoded = enc.encode(&texts, 3).unwrap();
+    let tokenized: Vec<TokenizedText> = enc.tokenize_all(&texts).unwrap();
+    let batch: Vec<&TokenizedText> = tokenized.iter().collect();
+    let (ids, mask) = enc.batch_tensors(&batch).unwrap();
+    let (_, tapped) = enc.model().forward_tapped(&ids, &mask, ForwardMode::Inference, Some(3)).unwrap();
+    let tapped = tapped.expect("the candle pass keeps layer 3 too");
+    let (_, t, dim) = tapped.dims3().unwrap();
+    let flat = tapped.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (row, e) in encoded.iter().enumerate() {
+        let tap = e.tapped.as_ref().expect("tapped states");
+        assert_eq!((tap.layer, tap.hidden.len()), (3, e.hidden.len()));
+        assert!(max_abs_diff(&tap.hidden, &e.hidden) > 0.1, "layer 3 should not be the last layer");
+        let n = e.tokens.len();
+        worst = worst.max(max_abs_diff(&tap.hidden, &flat[row * t * dim..(row * t + n) * dim]));
+    }
+    assert!(worst <= 1e-4, "packed and candle layer-3 states differ by {worst}");
+    let err = enc.set_tap_layer(Some(7)).unwrap_err().to_string();
+    assert!(err.contains("layer 7") && err.contains("6 layers"), "{err}");
+}
+
 /// Length-sorted batching (`encode`) must give the same vectors as one text at a time.
 #[test]
 fn batching_and_padding_do_not_change_vectors() {
