@@ -156,9 +156,9 @@ impl InferenceBert {
     }
 
     /// [`InferenceBert::forward`], and with `tap = Some(l)` also the hidden states after
-    /// the first `l` layers (0: the embeddings), packed the same way. Callers check `l`
-    /// against the number of layers.
-    pub fn forward_tapped(&self, texts: &[&[u32]], tap: Option<usize>) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
+    /// the first `l` layers (0: the embeddings), one (tokens x hidden) row block per text:
+    /// copied out once, at the layer. Callers check `l` against the number of layers.
+    pub fn forward_tapped(&self, texts: &[&[u32]], tap: Option<usize>) -> candle_core::Result<(Vec<f32>, Option<Vec<Vec<f32>>>)> {
         let h = self.hidden;
         let lens: Vec<usize> = texts.iter().map(|t| t.len()).collect();
         if let Some(&n) = lens.iter().find(|&&n| n > self.max_positions) {
@@ -186,7 +186,7 @@ impl InferenceBert {
         let mut tapped = None;
         for (done, layer) in self.layers.iter().enumerate() {
             if tap == Some(done) {
-                tapped = Some(x.clone());
+                tapped = Some(split_per_text(&x, &lens, h));
             }
             let _span = tracing::trace_span!("bert_layer_packed").entered();
             layer.qkv.matmul(&x, rows, &mut qkv);
@@ -210,7 +210,7 @@ impl InferenceBert {
             bias_residual_norm(&projected, &layer.down_bias, &mut x, &layer.norm);
         }
         if tap == Some(self.layers.len()) {
-            tapped = Some(x.clone());
+            tapped = Some(split_per_text(&x, &lens, h));
         }
         Ok((x, tapped))
     }
@@ -224,20 +224,12 @@ impl InferenceBert {
     /// states) row blocks.
     pub fn forward_per_text_tapped(&self, texts: &[&[u32]], tap: Option<usize>) -> candle_core::Result<Vec<(Vec<f32>, Option<Vec<f32>>)>> {
         let (packed, tapped) = self.forward_tapped(texts, tap)?;
-        let mut offset = 0;
-        Ok(texts
-            .iter()
-            .map(|t| {
-                let range = offset * self.hidden..(offset + t.len()) * self.hidden;
-                offset += t.len();
-                (packed[range.clone()].to_vec(), tapped.as_ref().map(|x| x[range].to_vec()))
-            })
-            .collect())
-    }
-
-    /// Number of transformer layers.
-    pub fn n_layers(&self) -> usize {
-        self.layers.len()
+        let lens: Vec<usize> = texts.iter().map(|t| t.len()).collect();
+        let own = split_per_text(&packed, &lens, self.hidden);
+        Ok(match tapped {
+            Some(tapped) => own.into_iter().zip(tapped.into_iter().map(Some)).collect(),
+            None => own.into_iter().map(|rows| (rows, None)).collect(),
+        })
     }
 
     /// Word + position + token-type embeddings, layer-normalized, into `x`.
@@ -259,6 +251,18 @@ impl InferenceBert {
         let norm = &self.embedding_norm;
         par_rows(x, h, |row0, out| layer_norm_rows(&sums[row0 * h..row0 * h + out.len()], &norm.weight, &norm.bias, out, norm.eps));
     }
+}
+
+/// Packed rows (texts of `lens` tokens one after another, `h` wide) as one block per text.
+fn split_per_text(packed: &[f32], lens: &[usize], h: usize) -> Vec<Vec<f32>> {
+    let mut rest = packed;
+    lens.iter()
+        .map(|&n| {
+            let (rows, tail) = rest.split_at(n * h);
+            rest = tail;
+            rows.to_vec()
+        })
+        .collect()
 }
 
 /// `x = layer_norm(projected + bias + x)`, row by row, in parallel.
