@@ -15,7 +15,7 @@ use crate::encoder::SpanPooling;
 use crate::eval::Evaluator;
 use crate::train::baseline::{JointLabels, JointModel, JointObjective, LABELS_FILE};
 use crate::train::optim::AdamWConfig;
-use crate::train::retriever::{RetrieverLoss, RetrieverObjective};
+use crate::train::retriever::{LabelScope, RetrieverLoss, RetrieverObjective};
 use crate::train::{self, Observer, RunPaths, StepReport, TrainConfig, TrainError, TrainSummary, TrainableEncoder};
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +190,10 @@ pub struct RetrieverArgs {
     /// Examples drawn per label when a batch is built (at least 2).
     #[arg(long, default_value_t = 4)]
     pub per_label: usize,
+    /// Whether slot labels of the same name are one label across intents (shared) or
+    /// one per intent (intent).
+    #[arg(long, value_enum, default_value_t = LabelScope::Shared)]
+    pub label_scope: LabelScope,
     #[command(flatten)]
     pub build: BuildArgs,
     #[command(flatten)]
@@ -608,6 +612,7 @@ fn retriever(a: RetrieverArgs, out: &mut dyn Write) -> Result<()> {
         intent_weight: a.intent_weight,
         per_label: a.per_label,
         dropout: a.run.dropout,
+        label_scope: a.label_scope,
     };
     let trainable = TrainableEncoder::load(&base_dir)?;
     let fingerprint = examples_fingerprint(&examples);

@@ -12,6 +12,9 @@
 //!   `o_anchors` is off, as anchors too (pulled towards each other like any label).
 //! - Intents are trained by the same loss over mean-pooled utterance vectors; the total
 //!   loss is `slot loss + intent_weight × intent loss` (one encoder, summed).
+//! - Slot labels of the same name are one label across intents by default
+//!   ([`LabelScope::Shared`]: `city` of a weather request and of a booking are drawn
+//!   together); [`LabelScope::Intent`] keeps them apart.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -46,6 +49,21 @@ pub struct RetrieverLoss {
     /// Examples drawn per label when a batch is built.
     pub per_label: usize,
     pub dropout: f32,
+    /// Whether a slot label is one label across intents or one per intent.
+    #[serde(default)]
+    pub label_scope: LabelScope,
+}
+
+/// Which slot spans count as the same label in the loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabelScope {
+    /// By name: `object_type` of every intent is one label.
+    #[default]
+    Shared,
+    /// By intent and name: `object_type` of SearchCreativeWork and of RateBook are two
+    /// labels, pushed apart like any other pair (examples without an intent keep the name).
+    Intent,
 }
 
 impl Default for RetrieverLoss {
@@ -59,7 +77,16 @@ impl Default for RetrieverLoss {
             intent_weight: 1.0,
             per_label: 4,
             dropout: 0.1,
+            label_scope: LabelScope::Shared,
         }
+    }
+}
+
+/// The loss's name for slot label `label` of example `e` under `scope`.
+fn scoped_label(scope: LabelScope, e: &Example, label: &str) -> String {
+    match (scope, &e.intent) {
+        (LabelScope::Intent, Some(intent)) => format!("{intent}/{label}"),
+        _ => label.to_string(),
     }
 }
 
@@ -89,7 +116,8 @@ impl<'a> RetrieverObjective<'a> {
         let mut intent_ids = HashMap::new();
         let mut groups = Vec::with_capacity(examples.len());
         for e in &examples {
-            let mut g: Vec<String> = e.spans.iter().map(|s| s.label.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let mut g: Vec<String> =
+                e.spans.iter().map(|s| scoped_label(loss.label_scope, e, &s.label)).collect::<BTreeSet<_>>().into_iter().collect();
             for l in &g {
                 let n = slot_ids.len() as u32;
                 slot_ids.entry(l.clone()).or_insert(n);
@@ -122,7 +150,7 @@ impl<'a> RetrieverObjective<'a> {
             Some(s..e)
         };
         let mut out: Vec<(Range<usize>, u32)> =
-            ex.spans.iter().filter_map(|s| Some((tok(s.word_start..s.word_end)?, self.slot_ids[&s.label]))).collect();
+            ex.spans.iter().filter_map(|s| Some((tok(s.word_start..s.word_end)?, self.slot_ids[&scoped_label(self.loss.label_scope, ex, &s.label)]))).collect();
         let n = ex.words.len();
         let mut tries = 0;
         let mut added = 0;
@@ -315,6 +343,17 @@ mod tests {
         let with = batch_softmax_loss(&unit(&[[1.0, 0.0], [1.0, 0.1], [1.0, 0.05]]), &[0, 0, 2], 20.0, None).unwrap().unwrap();
         let without = batch_softmax_loss(&unit(&[[1.0, 0.0], [1.0, 0.1]]), &[0, 0], 20.0, None).unwrap().unwrap();
         assert!(with.to_scalar::<f32>().unwrap() > without.to_scalar::<f32>().unwrap() + 0.1);
+    }
+
+    #[test]
+    fn label_scope_decides_whether_one_name_is_one_label_across_intents() {
+        let mut a = Example::from_text("rate this book", Some("RateBook".into()));
+        a.spans.push(crate::data::LabeledSpan { label: "object_type".into(), word_start: 2, word_end: 3, start: 10, end: 14 });
+        let b = Example { intent: Some("SearchCreativeWork".into()), ..a.clone() };
+        let c = Example { intent: None, ..a.clone() };
+        let names = |scope| [&a, &b, &c].map(|e| scoped_label(scope, e, "object_type"));
+        assert_eq!(names(LabelScope::Shared), ["object_type", "object_type", "object_type"]);
+        assert_eq!(names(LabelScope::Intent), ["RateBook/object_type", "SearchCreativeWork/object_type", "object_type"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use nearspan::train::retriever::{RetrieverLoss, RetrieverObjective};
+use nearspan::train::retriever::{LabelScope, RetrieverLoss, RetrieverObjective};
 use nearspan::train::rng::Rng;
 use nearspan::train::{Objective, TrainableEncoder};
 
@@ -36,6 +36,19 @@ fn retriever_loss_reaches_every_encoder_weight() {
         let without = crate::common::weights_without_gradient(data.iter().map(|(k, v)| (k.as_str(), v)), &grads);
         assert!(without.is_empty(), "weights without gradient (o_anchors {o_anchors}): {without:?}");
     }
+}
+
+#[test]
+fn label_scope_intent_splits_a_shared_slot_name_per_intent() {
+    let t = TrainableEncoder::load(&model_dir()).unwrap();
+    let examples = nearspan::data::read_jsonl(&smarthome()).unwrap();
+    let labels = |label_scope| {
+        let loss_cfg = RetrieverLoss { label_scope, ..Default::default() };
+        RetrieverObjective::new(&t.encoder, examples.clone(), loss_cfg, 8).unwrap().slot_labels()
+    };
+    // smarthome: 7 slot names; room in 4 intents, device in 5, time in 3; plus O.
+    assert_eq!(labels(LabelScope::Shared), 8);
+    assert_eq!(labels(LabelScope::Intent), 8 + 3 + 4 + 2);
 }
 
 #[test]
