@@ -77,7 +77,7 @@ impl Default for RetrieverLoss {
             intent_weight: 1.0,
             per_label: 4,
             dropout: 0.1,
-            label_scope: LabelScope::Shared,
+            label_scope: LabelScope::default(),
         }
     }
 }
@@ -98,7 +98,11 @@ pub struct RetrieverObjective<'a> {
     word_tokens: Vec<Vec<Range<usize>>>,
     /// Sampler groups of each example: its slot labels, or its intent if it has none.
     groups: Vec<Vec<String>>,
-    slot_ids: HashMap<String, u32>,
+    /// Label id of each example's slots, in the order of `Example::spans` (named once,
+    /// here, under the loss's [`LabelScope`]).
+    span_ids: Vec<Vec<u32>>,
+    /// Distinct slot labels, `O` included.
+    slot_labels: usize,
     intent_ids: HashMap<String, u32>,
     loss: RetrieverLoss,
     batch_size: usize,
@@ -131,12 +135,15 @@ impl<'a> RetrieverObjective<'a> {
             }
             groups.push(g);
         }
-        Ok(Self { encoder, examples, tokens, word_tokens, groups, slot_ids, intent_ids, loss, batch_size })
+        let span_ids =
+            examples.iter().map(|e| e.spans.iter().map(|s| slot_ids[&scoped_label(loss.label_scope, e, &s.label)]).collect()).collect();
+        let slot_labels = slot_ids.len();
+        Ok(Self { encoder, examples, tokens, word_tokens, groups, span_ids, slot_labels, intent_ids, loss, batch_size })
     }
 
     /// Slot labels seen in training (`O` included).
     pub fn slot_labels(&self) -> usize {
-        self.slot_ids.len()
+        self.slot_labels
     }
 
     /// The spans of one utterance that enter the loss: its slots, then `o_spans` random
@@ -150,7 +157,7 @@ impl<'a> RetrieverObjective<'a> {
             Some(s..e)
         };
         let mut out: Vec<(Range<usize>, u32)> =
-            ex.spans.iter().filter_map(|s| Some((tok(s.word_start..s.word_end)?, self.slot_ids[&scoped_label(self.loss.label_scope, ex, &s.label)]))).collect();
+            ex.spans.iter().zip(&self.span_ids[i]).filter_map(|(s, &id)| Some((tok(s.word_start..s.word_end)?, id))).collect();
         let n = ex.words.len();
         let mut tries = 0;
         let mut added = 0;
