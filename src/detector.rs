@@ -45,13 +45,14 @@ pub enum DetectorError {
 }
 
 /// A small network on four token vectors of a span: the token before it, its first and
-/// last sub-tokens, and the token after it ([CLS] and [SEP] at the edges), each divided
-/// by a fixed scale `s` (the mean token-vector norm of the training data):
+/// last sub-tokens, and the token after it ([CLS] and [SEP] at the edges), and optionally
+/// the mean of its own tokens ([`SpanDetector::inside`]), each divided by a fixed scale
+/// `s` (the mean token-vector norm of the training data):
 ///
 /// `logit = w_out · relu(Σ_b W_b h_b / s + w_width[width] + b_hidden) + b_out`.
 ///
 /// The first layer is linear in each token vector, so an utterance's tokens are
-/// projected once and a span only adds four rows.
+/// projected once and a span only adds four rows (plus one per token inside it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpanDetector {
     format: String,
@@ -63,9 +64,15 @@ pub struct SpanDetector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<usize>,
     pub hidden: usize,
+    /// Whether it also reads the mean of the span's own token vectors (a fifth role
+    /// after the four edges): what the span says, beside where its edges are. Absent in
+    /// files written before the choice existed (edges only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inside: bool,
     pub max_width: usize,
     pub scale: f32,
-    /// `ROLES × hidden` rows of `dim` (role-major): W_before, W_first, W_last, W_after.
+    /// `roles × hidden` rows of `dim` (role-major): W_before, W_first, W_last, W_after,
+    /// then W_inside when [`SpanDetector::inside`].
     pub w_tokens: Vec<f32>,
     /// `max_width × hidden`: one row per span width (wider spans use the last).
     pub w_width: Vec<f32>,
@@ -74,8 +81,16 @@ pub struct SpanDetector {
     pub b_out: f32,
 }
 
-/// Token roles of a span: before, first, last, after.
-const ROLES: usize = 4;
+/// Edge roles of a span: the token before it, its first and last, the token after it.
+const EDGE_ROLES: usize = 4;
+
+/// The role of the mean of a span's own tokens, after the edge roles.
+const INSIDE_ROLE: usize = EDGE_ROLES;
+
+/// Roles a detector reads: the four edges, and the inside mean when asked.
+fn roles(inside: bool) -> usize {
+    EDGE_ROLES + inside as usize
+}
 
 /// Fitting settings (Adam on the logistic loss).
 #[derive(Debug, Clone, Copy)]
@@ -90,11 +105,14 @@ pub struct FitConfig {
     /// The encoder layer a fresh detector reads ([`SpanDetector::layer`]); one being
     /// adapted keeps its own.
     pub layer: Option<usize>,
+    /// Whether a fresh detector reads the mean of the span's tokens
+    /// ([`SpanDetector::inside`]); one being adapted keeps its own.
+    pub inside: bool,
 }
 
 impl Default for FitConfig {
     fn default() -> Self {
-        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 8, epochs: 4, lr: 1e-3, batch: 32, seed: 7, layer: None }
+        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 8, epochs: 4, lr: 1e-3, batch: 32, seed: 7, layer: None, inside: false }
     }
 }
 
@@ -108,11 +126,18 @@ pub struct FitReport {
     pub loss: Vec<f64>,
 }
 
-/// One candidate span in token terms: the four token rows of its roles and its width.
+/// One candidate span in token terms: the token rows of its edge roles and its width
+/// in words (its own tokens are `rows[1]..=rows[2]`).
 #[derive(Debug, Clone, Copy)]
 struct SpanTokens {
-    rows: [usize; ROLES],
+    rows: [usize; EDGE_ROLES],
     width: usize,
+}
+
+impl SpanTokens {
+    fn inside(&self) -> std::ops::RangeInclusive<usize> {
+        self.rows[1]..=self.rows[2]
+    }
 }
 
 fn span_tokens(word_tokens: &[std::ops::Range<usize>], n_tokens: usize, span: WordSpan) -> Option<SpanTokens> {
@@ -146,10 +171,14 @@ impl SpanDetector {
         self.states(enc).len() / self.dim.max(1)
     }
 
-    /// Projects every token of `enc` by every role: `(tokens × ROLES × hidden)`.
+    fn roles(&self) -> usize {
+        roles(self.inside)
+    }
+
+    /// Projects every token of `enc` by every role: `(tokens × roles × hidden)`.
     fn project(&self, enc: &EncodedText) -> Vec<f32> {
         let inv = 1.0 / self.scale;
-        let rows = ROLES * self.hidden;
+        let rows = self.roles() * self.hidden;
         let states = self.states(enc);
         let mut out = vec![0f32; self.n_tokens(enc) * rows];
         for (t, o) in out.chunks_exact_mut(rows).enumerate() {
@@ -163,12 +192,20 @@ impl SpanDetector {
 
     /// The hidden layer's input for one span (before the ReLU).
     fn pre_activation(&self, proj: &[f32], st: &SpanTokens, out: &mut [f32]) {
-        let (hd, rows) = (self.hidden, ROLES * self.hidden);
+        let (hd, rows) = (self.hidden, self.roles() * self.hidden);
         let w = st.width.min(self.max_width) - 1;
         out.copy_from_slice(&self.b_hidden);
         axpy(1.0, &self.w_width[w * hd..(w + 1) * hd], out);
         for (role, &t) in st.rows.iter().enumerate() {
             axpy(1.0, &proj[t * rows + role * hd..t * rows + (role + 1) * hd], out);
+        }
+        if self.inside {
+            let inside = st.inside();
+            let share = 1.0 / inside.clone().count() as f32;
+            let at = INSIDE_ROLE * hd;
+            for t in inside {
+                axpy(share, &proj[t * rows + at..t * rows + at + hd], out);
+            }
         }
     }
 
@@ -218,18 +255,20 @@ impl SpanDetector {
     /// small network (adapting it fits all its units together).
     pub fn average(members: &[SpanDetector]) -> Result<SpanDetector, DetectorError> {
         let first = members.first().ok_or_else(|| DetectorError::Average { reason: "no detectors given".into() })?;
-        if let Some(m) = members.iter().find(|m| m.dim != first.dim || m.max_width != first.max_width || m.layer != first.layer) {
+        let differs =
+            |m: &&SpanDetector| m.dim != first.dim || m.max_width != first.max_width || m.layer != first.layer || m.inside != first.inside;
+        if let Some(m) = members.iter().find(differs) {
             let reason = format!(
-                "they differ in vector size, maximum width or layer ({}-dim, width {}, layer {:?} against {}-dim, width {}, layer {:?})",
-                first.dim, first.max_width, first.layer, m.dim, m.max_width, m.layer
+                "they differ in vector size, maximum width, layer or inside reading ({}-dim, width {}, layer {:?}, inside {} against {}-dim, width {}, layer {:?}, inside {})",
+                first.dim, first.max_width, first.layer, first.inside, m.dim, m.max_width, m.layer, m.inside
             );
             return Err(DetectorError::Average { reason });
         }
         let n = members.len() as f32;
         let hidden: usize = members.iter().map(|m| m.hidden).sum();
         let (dim, max_width) = (first.dim, first.max_width);
-        let mut w_tokens = Vec::with_capacity(ROLES * hidden * dim);
-        for role in 0..ROLES {
+        let mut w_tokens = Vec::with_capacity(first.roles() * hidden * dim);
+        for role in 0..first.roles() {
             for m in members {
                 // W h / s_m = (W s / s_m) h / s: the same pre-activation at the first's scale.
                 let rescale = first.scale / m.scale;
@@ -247,6 +286,7 @@ impl SpanDetector {
             dim,
             layer: first.layer,
             hidden,
+            inside: first.inside,
             max_width,
             scale: first.scale,
             w_tokens,
@@ -351,9 +391,10 @@ impl SpanDetector {
             dim,
             layer: cfg.layer,
             hidden: hd,
+            inside: cfg.inside,
             max_width: cfg.max_width,
             scale,
-            w_tokens: (0..ROLES * hd * dim).map(|_| normal((1.0 / ROLES as f32).sqrt())).collect(),
+            w_tokens: (0..roles(cfg.inside) * hd * dim).map(|_| normal((1.0 / roles(cfg.inside) as f32).sqrt())).collect(),
             w_width: vec![0.0; cfg.max_width * hd],
             b_hidden: vec![0.0; hd],
             w_out: (0..hd).map(|_| normal(1.0 / (hd as f32).sqrt())).collect(),
@@ -378,7 +419,7 @@ impl SpanDetector {
     /// Adds one utterance's summed loss gradient to `grad` (laid out as
     /// [`SpanDetector::params_mut`]); returns its summed loss.
     fn accumulate_gradient(&self, enc: &EncodedText, spans: &[(SpanTokens, bool)], grad: &mut [f32]) -> f64 {
-        let (hd, rows, dim) = (self.hidden, ROLES * self.hidden, self.dim);
+        let (hd, rows, dim) = (self.hidden, self.roles() * self.hidden, self.dim);
         let n_tokens = self.n_tokens(enc);
         let proj = self.project(enc);
         let (g_tokens, rest) = grad.split_at_mut(self.w_tokens.len());
@@ -405,6 +446,14 @@ impl SpanDetector {
             axpy(1.0, &d_pre, g_bias);
             for (role, &t) in st.rows.iter().enumerate() {
                 axpy(1.0, &d_pre, &mut d_proj[t * rows + role * hd..t * rows + (role + 1) * hd]);
+            }
+            if self.inside {
+                let inside = st.inside();
+                let share = 1.0 / inside.clone().count() as f32;
+                let at = INSIDE_ROLE * hd;
+                for t in inside {
+                    axpy(share, &d_pre, &mut d_proj[t * rows + at..t * rows + at + hd]);
+                }
             }
         }
         // proj[t][r] = W[r] · h_t / s, so dW[r] += d_proj[t][r] · h_t / s.
@@ -436,7 +485,7 @@ impl SpanDetector {
         }
         let (hd, mw) = (det.hidden, det.max_width);
         let sizes = [
-            ("w_tokens", det.w_tokens.len(), ROLES * hd * dim),
+            ("w_tokens", det.w_tokens.len(), det.roles() * hd * dim),
             ("w_width", det.w_width.len(), mw * hd),
             ("b_hidden", det.b_hidden.len(), hd),
             ("w_out", det.w_out.len(), hd),
@@ -533,6 +582,10 @@ mod tests {
     }
 
     fn random_detector(dim: usize, hidden: usize, max_width: usize, seed: u64) -> SpanDetector {
+        random_detector_reading(dim, hidden, max_width, seed, false)
+    }
+
+    fn random_detector_reading(dim: usize, hidden: usize, max_width: usize, seed: u64, inside: bool) -> SpanDetector {
         let mut rng = Rng::new(seed);
         let mut r = |n: usize| (0..n).map(|_| rng.unit() - 0.5).collect::<Vec<f32>>();
         SpanDetector {
@@ -540,9 +593,10 @@ mod tests {
             dim,
             layer: None,
             hidden,
+            inside,
             max_width,
             scale: 1.3,
-            w_tokens: r(ROLES * hidden * dim),
+            w_tokens: r(roles(inside) * hidden * dim),
             w_width: r(max_width * hidden),
             b_hidden: r(hidden),
             w_out: r(hidden),
@@ -551,9 +605,14 @@ mod tests {
     }
 
     /// The hand-written backward pass agrees with finite differences of the loss, for
-    /// every parameter.
+    /// every parameter, with and without the inside role.
     #[test]
     fn gradient_matches_finite_differences() {
+        gradient_check(false);
+        gradient_check(true);
+    }
+
+    fn gradient_check(inside: bool) {
         let mut rng = Rng::new(3);
         let rows: Vec<Vec<f32>> = (0..6).map(|_| (0..4).map(|_| rng.unit() * 2.0 - 1.0).collect()).collect();
         let (ex, enc) = utterance(&rows, &[(1, 3)]);
@@ -562,7 +621,8 @@ mod tests {
             .into_iter()
             .map(|s| (span_tokens(&word_tokens, 6, s).unwrap(), s == WordSpan { start: 1, end: 3 }))
             .collect();
-        let det = random_detector(4, 3, 3, 11);
+        let det = random_detector_reading(4, 3, 3, 11, inside);
+        assert_eq!(det.n_params(), roles(inside) * 3 * 4 + 3 * 3 + 3 + 3 + 1);
         let mut grad = vec![0f32; det.n_params()];
         det.accumulate_gradient(&enc, &spans, &mut grad);
         let loss = |d: &SpanDetector| d.accumulate_gradient(&enc, &spans, &mut vec![0f32; d.n_params()]);
@@ -615,7 +675,7 @@ mod tests {
         };
         let (train, test) = (make(300), make(50));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
-        let cfg = FitConfig { max_width: 6, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None };
+        let cfg = FitConfig { max_width: 6, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside: false };
         let (det, report) = SpanDetector::fit(&ex, &enc, &cfg).unwrap();
         assert!(report.loss.last().unwrap() < &(report.loss[0] / 4.0), "{:?}", report.loss);
         let mut wrong = 0;
@@ -674,7 +734,7 @@ mod tests {
         };
         let (train, test) = (make(200), make(40));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
-        let cfg = |layer| FitConfig { max_width: 1, hidden: 4, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer };
+        let cfg = |layer| FitConfig { max_width: 1, hidden: 4, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer, inside: false };
         let wrong = |det: &SpanDetector| {
             test.iter()
                 .filter(|(ex, enc)| det.detect(enc, &ex.words, 1, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
@@ -689,6 +749,42 @@ mod tests {
         assert!(matches!(err, DetectorError::MissingLayer { layer: 3 }), "{err}");
         let err = SpanDetector::average(&[tapped, last]).unwrap_err().to_string();
         assert!(err.contains("layer"), "{err}");
+    }
+
+    /// The slots are the three-word spans whose middle word is marked: their edges look
+    /// like any other span's, so only a detector that reads the inside finds them; the
+    /// two kinds cannot be averaged into one.
+    #[test]
+    fn an_inside_reading_detector_sees_the_middle_of_a_span() {
+        let mut rng = Rng::new(8);
+        let mut make = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    // 12 words, the slot is middle-1..middle+2: a span far from the marked
+                    // word has edges just like the slot's.
+                    let middle = 1 + rng.below(10);
+                    let mut rows = vec![vec![0.0, 0.0, 1.0]];
+                    rows.extend((0..12).map(|i| vec![if i == middle { 1.0 } else { -1.0 }, rng.unit() - 0.5, 0.0]));
+                    rows.push(vec![0.0, 0.0, -1.0]);
+                    utterance(&rows, &[(middle - 1, middle + 2)])
+                })
+                .collect::<Vec<_>>()
+        };
+        let (train, test) = (make(300), make(40));
+        let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
+        let cfg = |inside| FitConfig { max_width: 3, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside };
+        let wrong = |det: &SpanDetector| {
+            test.iter()
+                .filter(|(ex, enc)| det.detect(enc, &ex.words, 3, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
+                .count()
+        };
+        let (inside, _) = SpanDetector::fit(&ex, &enc, &cfg(true)).unwrap();
+        assert!(inside.inside);
+        assert!(wrong(&inside) <= 2, "{} of 40 wrong reading the inside", wrong(&inside));
+        let (edges, _) = SpanDetector::fit(&ex, &enc, &cfg(false)).unwrap();
+        assert!(wrong(&edges) >= 20, "the edges alone should not tell, {} of 40 wrong", wrong(&edges));
+        let err = SpanDetector::average(&[inside, edges]).unwrap_err().to_string();
+        assert!(err.contains("inside"), "{err}");
     }
 
     #[test]
@@ -711,6 +807,17 @@ mod tests {
         let layered = SpanDetector { layer: Some(3), ..det.clone() };
         layered.save(&path).unwrap();
         assert_eq!(SpanDetector::load(&path, 4).unwrap().layer, Some(3));
+        // Likewise the inside role: absent means edges only.
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("inside"));
+        let inside = random_detector_reading(4, 3, 2, 9, true);
+        inside.save(&path).unwrap();
+        assert_eq!(SpanDetector::load(&path, 4).unwrap(), inside);
+        let mut edges_sized = inside.clone();
+        edges_sized.w_tokens.truncate(EDGE_ROLES * 3 * 4);
+        edges_sized.save(&path).unwrap();
+        let err = SpanDetector::load(&path, 4).unwrap_err().to_string();
+        assert!(err.contains("w_tokens"), "{err}");
+        det.save(&path).unwrap();
         let err = SpanDetector::load(&path, 5).unwrap_err().to_string();
         assert!(err.contains("span_detector.json") && err.contains("4-dim") && err.contains("5"), "{err}");
 

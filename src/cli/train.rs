@@ -260,6 +260,10 @@ pub struct DetectorArgs {
     /// as --init keeps its own.
     #[arg(long, default_value = "middle", conflicts_with = "init")]
     pub layer: DetectorLayer,
+    /// Also read the mean of each span's own token vectors, not only the tokens at and
+    /// around its edges. A detector given as --init keeps its own.
+    #[arg(long, conflicts_with = "init")]
+    pub inside: bool,
     /// Also report how well it finds the slots (any label, strict boundaries) of these
     /// intents' examples in --data, e.g. the dev domain (comma-separated; excluded from fitting).
     #[arg(long, value_delimiter = ',')]
@@ -426,7 +430,7 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
     let (members, reports): (Vec<SpanDetector>, Vec<_>) = (a.seed..)
         .take(a.ensemble)
         .map(|seed| {
-            let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch, layer };
+            let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch, layer, inside: a.inside };
             SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)
                 .with_context(|| format!("{}: fitting the span detector", a.source.data.display()))
         })
