@@ -42,6 +42,8 @@ pub enum DetectorError {
     Average { reason: String },
     #[error("the span detector reads the states after layer {layer}, but the encoder did not keep them (Encoder::set_tap_layer)")]
     MissingLayer { layer: usize },
+    #[error("a span detector reads 1 to {max} tokens on each side of a span, not {context}", max = MAX_CONTEXT)]
+    Context { context: usize },
 }
 
 /// A small network on four token vectors of a span: the token before it, its first and
@@ -69,10 +71,16 @@ pub struct SpanDetector {
     /// files written before the choice existed (edges only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inside: bool,
+    /// How many tokens it reads on each side of the span (1 to [`MAX_CONTEXT`]): the
+    /// nearest is an edge role, farther ones are roles of their own. 1 in files written
+    /// before the choice existed.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub context: usize,
     pub max_width: usize,
     pub scale: f32,
     /// `roles × hidden` rows of `dim` (role-major): W_before, W_first, W_last, W_after,
-    /// then W_inside when [`SpanDetector::inside`].
+    /// then W_before2, W_after2, … up to [`SpanDetector::context`], then W_inside when
+    /// [`SpanDetector::inside`].
     pub w_tokens: Vec<f32>,
     /// `max_width × hidden`: one row per span width (wider spans use the last).
     pub w_width: Vec<f32>,
@@ -84,12 +92,25 @@ pub struct SpanDetector {
 /// Edge roles of a span: the token before it, its first and last, the token after it.
 const EDGE_ROLES: usize = 4;
 
-/// The role of the mean of a span's own tokens, after the edge roles.
-const INSIDE_ROLE: usize = EDGE_ROLES;
+/// The most tokens a detector reads on each side of a span.
+pub const MAX_CONTEXT: usize = 4;
 
-/// Roles a detector reads: the four edges, and the inside mean when asked.
-fn roles(inside: bool) -> usize {
-    EDGE_ROLES + inside as usize
+/// Token roles of a span at the widest context: its first and last token and
+/// `MAX_CONTEXT` on each side.
+const MAX_TOKEN_ROLES: usize = 2 + 2 * MAX_CONTEXT;
+
+/// Roles a detector reads: the span's first and last token, `context` tokens on each
+/// side, and the inside mean when asked (always the last role).
+fn roles(context: usize, inside: bool) -> usize {
+    2 + 2 * context + inside as usize
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(x: &usize) -> bool {
+    *x == 1
 }
 
 /// Fitting settings (Adam on the logistic loss).
@@ -108,11 +129,14 @@ pub struct FitConfig {
     /// Whether a fresh detector reads the mean of the span's tokens
     /// ([`SpanDetector::inside`]); one being adapted keeps its own.
     pub inside: bool,
+    /// Tokens a fresh detector reads on each side ([`SpanDetector::context`]); one being
+    /// adapted keeps its own.
+    pub context: usize,
 }
 
 impl Default for FitConfig {
     fn default() -> Self {
-        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 8, epochs: 4, lr: 1e-3, batch: 32, seed: 7, layer: None, inside: false }
+        Self { max_width: crate::spans::DEFAULT_MAX_WIDTH, hidden: 8, epochs: 4, lr: 1e-3, batch: 32, seed: 7, layer: None, inside: false, context: 1 }
     }
 }
 
@@ -126,28 +150,42 @@ pub struct FitReport {
     pub loss: Vec<f64>,
 }
 
-/// One candidate span in token terms: the token rows of its edge roles and its width
-/// in words (its own tokens are `rows[1]..=rows[2]`).
+/// One candidate span in token terms: the token row of each of its token roles (the
+/// first `n`), in role order, and its width in words (its own tokens are
+/// `rows[1]..=rows[2]`).
 #[derive(Debug, Clone, Copy)]
 struct SpanTokens {
-    rows: [usize; EDGE_ROLES],
+    rows: [usize; MAX_TOKEN_ROLES],
+    n: usize,
     width: usize,
 }
 
 impl SpanTokens {
+    fn roles(&self) -> &[usize] {
+        &self.rows[..self.n]
+    }
+
     fn inside(&self) -> std::ops::RangeInclusive<usize> {
         self.rows[1]..=self.rows[2]
     }
 }
 
-fn span_tokens(word_tokens: &[std::ops::Range<usize>], n_tokens: usize, span: WordSpan) -> Option<SpanTokens> {
+/// The token rows of `span`'s roles with `context` tokens on each side; past the
+/// utterance's ends they repeat [CLS] and [SEP].
+fn span_tokens(word_tokens: &[std::ops::Range<usize>], n_tokens: usize, span: WordSpan, context: usize) -> Option<SpanTokens> {
     let tokens = token_range(word_tokens, span);
     if tokens.is_empty() {
         return None;
     }
-    let before = tokens.start.saturating_sub(1);
-    let after = tokens.end.min(n_tokens - 1);
-    Some(SpanTokens { rows: [before, tokens.start, tokens.end - 1, after], width: span.width() })
+    let before = |d: usize| tokens.start.saturating_sub(d);
+    let after = |d: usize| (tokens.end - 1 + d).min(n_tokens - 1);
+    let mut rows = [0; MAX_TOKEN_ROLES];
+    rows[..EDGE_ROLES].copy_from_slice(&[before(1), tokens.start, tokens.end - 1, after(1)]);
+    for d in 2..=context {
+        rows[2 * d] = before(d);
+        rows[2 * d + 1] = after(d);
+    }
+    Some(SpanTokens { rows, n: 2 + 2 * context, width: span.width() })
 }
 
 /// The token vectors a detector reading `layer` takes from `enc`, if `enc` has them.
@@ -172,7 +210,12 @@ impl SpanDetector {
     }
 
     fn roles(&self) -> usize {
-        roles(self.inside)
+        roles(self.context, self.inside)
+    }
+
+    /// The role of the mean of the span's own tokens (when [`SpanDetector::inside`]).
+    fn inside_role(&self) -> usize {
+        2 + 2 * self.context
     }
 
     /// Projects every token of `enc` by every role: `(tokens × roles × hidden)`.
@@ -196,13 +239,13 @@ impl SpanDetector {
         let w = st.width.min(self.max_width) - 1;
         out.copy_from_slice(&self.b_hidden);
         axpy(1.0, &self.w_width[w * hd..(w + 1) * hd], out);
-        for (role, &t) in st.rows.iter().enumerate() {
+        for (role, &t) in st.roles().iter().enumerate() {
             axpy(1.0, &proj[t * rows + role * hd..t * rows + (role + 1) * hd], out);
         }
         if self.inside {
             let inside = st.inside();
             let share = 1.0 / inside.clone().count() as f32;
-            let at = INSIDE_ROLE * hd;
+            let at = self.inside_role() * hd;
             for t in inside {
                 axpy(share, &proj[t * rows + at..t * rows + at + hd], out);
             }
@@ -221,7 +264,7 @@ impl SpanDetector {
         let mut pre = vec![0f32; self.hidden];
         spans
             .iter()
-            .map(|s| match span_tokens(&word_tokens, n_tokens, *s) {
+            .map(|s| match span_tokens(&word_tokens, n_tokens, *s, self.context) {
                 None => f32::NEG_INFINITY,
                 Some(st) => {
                     self.pre_activation(&proj, &st, &mut pre);
@@ -256,12 +299,10 @@ impl SpanDetector {
     pub fn average(members: &[SpanDetector]) -> Result<SpanDetector, DetectorError> {
         let first = members.first().ok_or_else(|| DetectorError::Average { reason: "no detectors given".into() })?;
         let differs =
-            |m: &&SpanDetector| m.dim != first.dim || m.max_width != first.max_width || m.layer != first.layer || m.inside != first.inside;
+            |m: &&SpanDetector| (m.dim, m.max_width, m.layer, m.inside, m.context) != (first.dim, first.max_width, first.layer, first.inside, first.context);
         if let Some(m) = members.iter().find(differs) {
-            let reason = format!(
-                "they differ in vector size, maximum width, layer or inside reading ({}-dim, width {}, layer {:?}, inside {} against {}-dim, width {}, layer {:?}, inside {})",
-                first.dim, first.max_width, first.layer, first.inside, m.dim, m.max_width, m.layer, m.inside
-            );
+            let shape = |d: &SpanDetector| format!("{}-dim, width {}, layer {:?}, inside {}, context {}", d.dim, d.max_width, d.layer, d.inside, d.context);
+            let reason = format!("they differ in vector size, maximum width, layer, inside reading or context ({} against {})", shape(first), shape(m));
             return Err(DetectorError::Average { reason });
         }
         let n = members.len() as f32;
@@ -287,6 +328,7 @@ impl SpanDetector {
             layer: first.layer,
             hidden,
             inside: first.inside,
+            context: first.context,
             max_width,
             scale: first.scale,
             w_tokens,
@@ -313,6 +355,10 @@ impl SpanDetector {
         use rayon::prelude::*;
         let dim = encoded.first().map_or(0, |e| e.dim);
         let layer = init.map_or(cfg.layer, |d| d.layer);
+        let context = init.map_or(cfg.context, |d| d.context);
+        if !(1..=MAX_CONTEXT).contains(&context) {
+            return Err(DetectorError::Context { context });
+        }
         // Per utterance: its spans in token terms and which are slots.
         let mut data: Vec<Vec<(SpanTokens, bool)>> = Vec::with_capacity(examples.len());
         let (mut norm_sum, mut norm_n) = (0f64, 0usize);
@@ -322,7 +368,7 @@ impl SpanDetector {
             let n_tokens = states.len() / dim.max(1);
             let gold: Vec<WordSpan> = ex.spans.iter().map(|s| s.words()).collect();
             let spans = candidate_spans(ex.words.len(), cfg.max_width);
-            data.push(spans.iter().filter_map(|&s| Some((span_tokens(&word_tokens, n_tokens, s)?, gold.contains(&s)))).collect());
+            data.push(spans.iter().filter_map(|&s| Some((span_tokens(&word_tokens, n_tokens, s, context)?, gold.contains(&s)))).collect());
             for h in states.chunks_exact(dim.max(1)) {
                 norm_sum += dot(h, h).sqrt() as f64;
                 norm_n += 1;
@@ -380,7 +426,7 @@ impl SpanDetector {
     /// output bias at the base rate of slots, so the first steps learn features rather
     /// than the prior.
     fn fresh(dim: usize, scale: f32, rate: f32, cfg: &FitConfig, rng: &mut Rng) -> SpanDetector {
-        let hd = cfg.hidden;
+        let (hd, n_roles) = (cfg.hidden, roles(cfg.context, cfg.inside));
         let mut normal = |std: f32| {
             // Sum of 4 uniforms: close enough to a normal for initialisation.
             let u: f32 = (0..4).map(|_| rng.unit() - 0.5).sum();
@@ -392,9 +438,10 @@ impl SpanDetector {
             layer: cfg.layer,
             hidden: hd,
             inside: cfg.inside,
+            context: cfg.context,
             max_width: cfg.max_width,
             scale,
-            w_tokens: (0..roles(cfg.inside) * hd * dim).map(|_| normal((1.0 / roles(cfg.inside) as f32).sqrt())).collect(),
+            w_tokens: (0..n_roles * hd * dim).map(|_| normal((1.0 / n_roles as f32).sqrt())).collect(),
             w_width: vec![0.0; cfg.max_width * hd],
             b_hidden: vec![0.0; hd],
             w_out: (0..hd).map(|_| normal(1.0 / (hd as f32).sqrt())).collect(),
@@ -444,13 +491,13 @@ impl SpanDetector {
             let w = st.width.min(self.max_width) - 1;
             axpy(1.0, &d_pre, &mut g_width[w * hd..(w + 1) * hd]);
             axpy(1.0, &d_pre, g_bias);
-            for (role, &t) in st.rows.iter().enumerate() {
+            for (role, &t) in st.roles().iter().enumerate() {
                 axpy(1.0, &d_pre, &mut d_proj[t * rows + role * hd..t * rows + (role + 1) * hd]);
             }
             if self.inside {
                 let inside = st.inside();
                 let share = 1.0 / inside.clone().count() as f32;
-                let at = INSIDE_ROLE * hd;
+                let at = self.inside_role() * hd;
                 for t in inside {
                     axpy(share, &d_pre, &mut d_proj[t * rows + at..t * rows + at + hd]);
                 }
@@ -482,6 +529,9 @@ impl SpanDetector {
         }
         if det.dim != dim {
             return Err(invalid(format!("made for {}-dim token vectors, but the encoder gives {dim}", det.dim)));
+        }
+        if !(1..=MAX_CONTEXT).contains(&det.context) {
+            return Err(invalid(format!("context {}: it reads 1 to {MAX_CONTEXT} tokens on each side", det.context)));
         }
         let (hd, mw) = (det.hidden, det.max_width);
         let sizes = [
@@ -582,10 +632,10 @@ mod tests {
     }
 
     fn random_detector(dim: usize, hidden: usize, max_width: usize, seed: u64) -> SpanDetector {
-        random_detector_reading(dim, hidden, max_width, seed, false)
+        random_detector_reading(dim, hidden, max_width, seed, false, 1)
     }
 
-    fn random_detector_reading(dim: usize, hidden: usize, max_width: usize, seed: u64, inside: bool) -> SpanDetector {
+    fn random_detector_reading(dim: usize, hidden: usize, max_width: usize, seed: u64, inside: bool, context: usize) -> SpanDetector {
         let mut rng = Rng::new(seed);
         let mut r = |n: usize| (0..n).map(|_| rng.unit() - 0.5).collect::<Vec<f32>>();
         SpanDetector {
@@ -594,9 +644,10 @@ mod tests {
             layer: None,
             hidden,
             inside,
+            context,
             max_width,
             scale: 1.3,
-            w_tokens: r(roles(inside) * hidden * dim),
+            w_tokens: r(roles(context, inside) * hidden * dim),
             w_width: r(max_width * hidden),
             b_hidden: r(hidden),
             w_out: r(hidden),
@@ -605,24 +656,25 @@ mod tests {
     }
 
     /// The hand-written backward pass agrees with finite differences of the loss, for
-    /// every parameter, with and without the inside role.
+    /// every parameter, with and without the inside role and with wider context.
     #[test]
     fn gradient_matches_finite_differences() {
-        gradient_check(false);
-        gradient_check(true);
+        gradient_check(false, 1);
+        gradient_check(true, 1);
+        gradient_check(true, 2);
     }
 
-    fn gradient_check(inside: bool) {
+    fn gradient_check(inside: bool, context: usize) {
         let mut rng = Rng::new(3);
         let rows: Vec<Vec<f32>> = (0..6).map(|_| (0..4).map(|_| rng.unit() * 2.0 - 1.0).collect()).collect();
         let (ex, enc) = utterance(&rows, &[(1, 3)]);
         let word_tokens = enc.tokens.align_words(&ex.words);
         let spans: Vec<(SpanTokens, bool)> = candidate_spans(4, 3)
             .into_iter()
-            .map(|s| (span_tokens(&word_tokens, 6, s).unwrap(), s == WordSpan { start: 1, end: 3 }))
+            .map(|s| (span_tokens(&word_tokens, 6, s, context).unwrap(), s == WordSpan { start: 1, end: 3 }))
             .collect();
-        let det = random_detector_reading(4, 3, 3, 11, inside);
-        assert_eq!(det.n_params(), roles(inside) * 3 * 4 + 3 * 3 + 3 + 3 + 1);
+        let det = random_detector_reading(4, 3, 3, 11, inside, context);
+        assert_eq!(det.n_params(), roles(context, inside) * 3 * 4 + 3 * 3 + 3 + 3 + 1);
         let mut grad = vec![0f32; det.n_params()];
         det.accumulate_gradient(&enc, &spans, &mut grad);
         let loss = |d: &SpanDetector| d.accumulate_gradient(&enc, &spans, &mut vec![0f32; d.n_params()]);
@@ -675,7 +727,7 @@ mod tests {
         };
         let (train, test) = (make(300), make(50));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
-        let cfg = FitConfig { max_width: 6, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside: false };
+        let cfg = FitConfig { max_width: 6, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside: false, context: 1 };
         let (det, report) = SpanDetector::fit(&ex, &enc, &cfg).unwrap();
         assert!(report.loss.last().unwrap() < &(report.loss[0] / 4.0), "{:?}", report.loss);
         let mut wrong = 0;
@@ -734,7 +786,7 @@ mod tests {
         };
         let (train, test) = (make(200), make(40));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
-        let cfg = |layer| FitConfig { max_width: 1, hidden: 4, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer, inside: false };
+        let cfg = |layer| FitConfig { max_width: 1, hidden: 4, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer, inside: false, context: 1 };
         let wrong = |det: &SpanDetector| {
             test.iter()
                 .filter(|(ex, enc)| det.detect(enc, &ex.words, 1, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
@@ -772,7 +824,7 @@ mod tests {
         };
         let (train, test) = (make(300), make(40));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
-        let cfg = |inside| FitConfig { max_width: 3, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside };
+        let cfg = |inside| FitConfig { max_width: 3, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside, context: 1 };
         let wrong = |det: &SpanDetector| {
             test.iter()
                 .filter(|(ex, enc)| det.detect(enc, &ex.words, 3, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
@@ -785,6 +837,44 @@ mod tests {
         assert!(wrong(&edges) >= 20, "the edges alone should not tell, {} of 40 wrong", wrong(&edges));
         let err = SpanDetector::average(&[inside, edges]).unwrap_err().to_string();
         assert!(err.contains("inside"), "{err}");
+    }
+
+    /// The slots are the one-word spans two words after a marked word: only a detector
+    /// that reads two tokens on each side sees the mark; contexts past the limit are an
+    /// error, and detectors of different contexts cannot be averaged.
+    #[test]
+    fn a_wider_context_sees_two_tokens_away() {
+        let mut rng = Rng::new(9);
+        let mut make = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    let marked = rng.below(8); // words 0..10: the slot is marked + 2
+                    let mut rows = vec![vec![0.0, 0.0, 1.0]];
+                    rows.extend((0..10).map(|i| vec![if i == marked { 1.0 } else { -1.0 }, rng.unit() - 0.5, 0.0]));
+                    rows.push(vec![0.0, 0.0, -1.0]);
+                    utterance(&rows, &[(marked + 2, marked + 3)])
+                })
+                .collect::<Vec<_>>()
+        };
+        let (train, test) = (make(300), make(40));
+        let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
+        let cfg = |context| FitConfig { max_width: 1, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside: false, context };
+        let wrong = |det: &SpanDetector| {
+            test.iter()
+                .filter(|(ex, enc)| det.detect(enc, &ex.words, 1, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
+                .count()
+        };
+        let (wide, _) = SpanDetector::fit(&ex, &enc, &cfg(2)).unwrap();
+        assert_eq!(wide.context, 2);
+        assert!(wrong(&wide) <= 2, "{} of 40 wrong reading two tokens each side", wrong(&wide));
+        let (near, _) = SpanDetector::fit(&ex, &enc, &cfg(1)).unwrap();
+        assert!(wrong(&near) >= 20, "one token each side should not tell, {} of 40 wrong", wrong(&near));
+        let err = SpanDetector::average(&[wide, near]).unwrap_err().to_string();
+        assert!(err.contains("context"), "{err}");
+        for context in [0, MAX_CONTEXT + 1] {
+            let err = SpanDetector::fit(&ex, &enc, &cfg(context)).unwrap_err();
+            assert!(matches!(err, DetectorError::Context { .. }), "{err}");
+        }
     }
 
     #[test]
@@ -809,9 +899,17 @@ mod tests {
         assert_eq!(SpanDetector::load(&path, 4).unwrap().layer, Some(3));
         // Likewise the inside role: absent means edges only.
         assert!(!std::fs::read_to_string(&path).unwrap().contains("inside"));
-        let inside = random_detector_reading(4, 3, 2, 9, true);
+        let inside = random_detector_reading(4, 3, 2, 9, true, 1);
         inside.save(&path).unwrap();
         assert_eq!(SpanDetector::load(&path, 4).unwrap(), inside);
+        // And the context: absent means one token each side.
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("context"));
+        let wide = random_detector_reading(4, 3, 2, 9, true, 3);
+        wide.save(&path).unwrap();
+        assert_eq!(SpanDetector::load(&path, 4).unwrap(), wide);
+        SpanDetector { context: MAX_CONTEXT + 1, ..wide }.save(&path).unwrap();
+        let err = SpanDetector::load(&path, 4).unwrap_err().to_string();
+        assert!(err.contains("context"), "{err}");
         let mut edges_sized = inside.clone();
         edges_sized.w_tokens.truncate(EDGE_ROLES * 3 * 4);
         edges_sized.save(&path).unwrap();

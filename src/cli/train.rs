@@ -264,6 +264,10 @@ pub struct DetectorArgs {
     /// around its edges. A detector given as --init keeps its own.
     #[arg(long, conflicts_with = "init")]
     pub inside: bool,
+    /// How many tokens it reads on each side of a span (the nearest one by default). A
+    /// detector given as --init keeps its own.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=crate::detector::MAX_CONTEXT as i64).map(|v| v as usize), conflicts_with = "init")]
+    pub context: usize,
     /// Also report how well it finds the slots (any label, strict boundaries) of these
     /// intents' examples in --data, e.g. the dev domain (comma-separated; excluded from fitting).
     #[arg(long, value_delimiter = ',')]
@@ -430,7 +434,7 @@ fn detector(a: DetectorArgs, out: &mut dyn Write) -> Result<()> {
     let (members, reports): (Vec<SpanDetector>, Vec<_>) = (a.seed..)
         .take(a.ensemble)
         .map(|seed| {
-            let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch, layer, inside: a.inside };
+            let cfg = FitConfig { max_width, epochs: a.epochs, lr: a.lr, seed, hidden, batch: a.batch, layer, inside: a.inside, context: a.context };
             SpanDetector::fit_from(init.as_ref(), &examples, &encoded, &cfg)
                 .with_context(|| format!("{}: fitting the span detector", a.source.data.display()))
         })
