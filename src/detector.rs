@@ -214,9 +214,17 @@ impl SpanDetector {
         roles(self.context, self.inside)
     }
 
-    /// The role of the mean of the span's own tokens (when [`SpanDetector::inside`]).
-    fn inside_role(&self) -> usize {
-        2 + 2 * self.context
+    /// What the first layer of one span reads: for each projected row it adds, the row's
+    /// offset in the utterance's projections (`tokens × roles × hidden`) and its weight,
+    /// 1 for a token role and a share of the mean for each token of the inside role (the
+    /// last role). The forward and backward passes both walk this.
+    fn span_reads<'a>(&self, st: &'a SpanTokens) -> impl Iterator<Item = (usize, f32)> + 'a {
+        let (hd, rows) = (self.hidden, self.roles() * self.hidden);
+        let edges = st.roles().iter().enumerate().map(move |(role, &t)| (t * rows + role * hd, 1.0));
+        let inside = self.inside.then(|| st.inside()).into_iter().flatten();
+        let share = 1.0 / st.inside().count() as f32;
+        let at = roles(self.context, false) * hd;
+        edges.chain(inside.map(move |t| (t * rows + at, share)))
     }
 
     /// Projects every token of `enc` by every role: `(tokens × roles × hidden)`.
@@ -236,20 +244,12 @@ impl SpanDetector {
 
     /// The hidden layer's input for one span (before the ReLU).
     fn pre_activation(&self, proj: &[f32], st: &SpanTokens, out: &mut [f32]) {
-        let (hd, rows) = (self.hidden, self.roles() * self.hidden);
+        let hd = self.hidden;
         let w = st.width.min(self.max_width) - 1;
         out.copy_from_slice(&self.b_hidden);
         axpy(1.0, &self.w_width[w * hd..(w + 1) * hd], out);
-        for (role, &t) in st.roles().iter().enumerate() {
-            axpy(1.0, &proj[t * rows + role * hd..t * rows + (role + 1) * hd], out);
-        }
-        if self.inside {
-            let inside = st.inside();
-            let share = 1.0 / inside.clone().count() as f32;
-            let at = self.inside_role() * hd;
-            for t in inside {
-                axpy(share, &proj[t * rows + at..t * rows + at + hd], out);
-            }
+        for (at, weight) in self.span_reads(st) {
+            axpy(weight, &proj[at..at + hd], out);
         }
     }
 
@@ -492,16 +492,8 @@ impl SpanDetector {
             let w = st.width.min(self.max_width) - 1;
             axpy(1.0, &d_pre, &mut g_width[w * hd..(w + 1) * hd]);
             axpy(1.0, &d_pre, g_bias);
-            for (role, &t) in st.roles().iter().enumerate() {
-                axpy(1.0, &d_pre, &mut d_proj[t * rows + role * hd..t * rows + (role + 1) * hd]);
-            }
-            if self.inside {
-                let inside = st.inside();
-                let share = 1.0 / inside.clone().count() as f32;
-                let at = self.inside_role() * hd;
-                for t in inside {
-                    axpy(share, &d_pre, &mut d_proj[t * rows + at..t * rows + at + hd]);
-                }
+            for (at, weight) in self.span_reads(st) {
+                axpy(weight, &d_pre, &mut d_proj[at..at + hd]);
             }
         }
         // proj[t][r] = W[r] · h_t / s, so dW[r] += d_proj[t][r] · h_t / s.
