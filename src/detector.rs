@@ -624,6 +624,14 @@ mod tests {
         (ex, EncodedText { tokens, hidden: rows.concat(), dim, tapped: None })
     }
 
+    /// How many of `test`'s utterances `det` does not detect exactly (logit above 0,
+    /// spans up to `max_width` words).
+    fn wrongly_detected(det: &SpanDetector, test: &[(Example, EncodedText)], max_width: usize) -> usize {
+        test.iter()
+            .filter(|(ex, enc)| det.detect(enc, &ex.words, max_width, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
+            .count()
+    }
+
     fn random_detector(dim: usize, hidden: usize, max_width: usize, seed: u64) -> SpanDetector {
         random_detector_reading(dim, hidden, max_width, seed, false, 1)
     }
@@ -780,11 +788,7 @@ mod tests {
         let (train, test) = (make(200), make(40));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
         let cfg = |layer| FitConfig { max_width: 1, hidden: 4, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer, inside: false, context: 1 };
-        let wrong = |det: &SpanDetector| {
-            test.iter()
-                .filter(|(ex, enc)| det.detect(enc, &ex.words, 1, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
-                .count()
-        };
+        let wrong = |det: &SpanDetector| wrongly_detected(det, &test, 1);
         let (tapped, _) = SpanDetector::fit(&ex, &enc, &cfg(Some(2))).unwrap();
         assert_eq!(tapped.layer, Some(2));
         assert!(wrong(&tapped) <= 1, "{} of 40 wrong reading layer 2", wrong(&tapped));
@@ -818,11 +822,7 @@ mod tests {
         let (train, test) = (make(300), make(40));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
         let cfg = |inside| FitConfig { max_width: 3, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside, context: 1 };
-        let wrong = |det: &SpanDetector| {
-            test.iter()
-                .filter(|(ex, enc)| det.detect(enc, &ex.words, 3, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
-                .count()
-        };
+        let wrong = |det: &SpanDetector| wrongly_detected(det, &test, 3);
         let (inside, _) = SpanDetector::fit(&ex, &enc, &cfg(true)).unwrap();
         assert!(inside.inside);
         assert!(wrong(&inside) <= 2, "{} of 40 wrong reading the inside", wrong(&inside));
@@ -852,11 +852,7 @@ mod tests {
         let (train, test) = (make(300), make(40));
         let (ex, enc): (Vec<Example>, Vec<EncodedText>) = train.into_iter().unzip();
         let cfg = |context| FitConfig { max_width: 1, hidden: 8, epochs: 30, lr: 1e-2, batch: 16, seed: 1, layer: None, inside: false, context };
-        let wrong = |det: &SpanDetector| {
-            test.iter()
-                .filter(|(ex, enc)| det.detect(enc, &ex.words, 1, 0.0) != ex.spans.iter().map(|s| s.words()).collect::<Vec<_>>())
-                .count()
-        };
+        let wrong = |det: &SpanDetector| wrongly_detected(det, &test, 1);
         let (wide, _) = SpanDetector::fit(&ex, &enc, &cfg(2)).unwrap();
         assert_eq!(wide.context, 2);
         assert!(wrong(&wide) <= 2, "{} of 40 wrong reading two tokens each side", wrong(&wide));
