@@ -112,7 +112,10 @@ impl SpanHalves {
         let run = |part: &[usize]| {
             let mut tops: Vec<TopK> = q.pairs.iter().map(|_| TopK::new(k)).collect();
             let mut scratch = Scratch { floors: vec![f32::NEG_INFINITY; q.pairs.len()], ..Scratch::default() };
-            for &e in part {
+            for (i, &e) in part.iter().enumerate() {
+                if let Some(&next) = part.get(i + 1) {
+                    self.prefetch_example(next);
+                }
                 self.score_example(e, q, &mut tops, &mut scratch);
             }
             tops
@@ -126,6 +129,18 @@ impl SpanHalves {
             if tasks <= 1 { vec![&examples[..]] } else { examples.chunks(examples.len().div_ceil(tasks)).collect() };
         let tops = run_parts(&parts, |part| run(part));
         tops.into_iter().map(TopK::into_sorted).collect()
+    }
+
+    /// Asks the CPU to start loading example `e`'s halves and row coefficients: the
+    /// examples a query scores are scattered over the index, so each would otherwise
+    /// begin with a wait for memory (measured: BENCHMARKS.md, "Two-stage search").
+    fn prefetch_example(&self, e: usize) {
+        let x = self.examples[e];
+        let h0 = x.halves as usize * self.half;
+        let halves = &self.halves[h0..h0 + (x.starts + x.ends) as usize * self.half];
+        let rows = &self.rows[x.rows as usize..(x.rows + x.n_rows) as usize];
+        prefetch(halves);
+        prefetch(rows);
     }
 
     /// Scores example `e`'s rows for every query pair into `tops`.
@@ -216,6 +231,23 @@ struct Scratch {
     scores: Vec<f32>,
     /// `tops[p].floor`, contiguous.
     floors: Vec<f32>,
+}
+
+/// Prefetches every cache line of `data` (a hint: no effect on results; nothing on
+/// other architectures).
+fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (p, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: SSE is part of x86_64; the address lies inside `data`, and a
+            // prefetch never faults anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 fn refill(v: &mut Vec<f32>, len: usize) {
