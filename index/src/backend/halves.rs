@@ -203,17 +203,23 @@ impl SpanHalves {
         for (i, r) in rows.iter().enumerate() {
             let g = &w.by_start[r.start as usize * np..][..np];
             let h = &w.by_end[r.end as usize * np..][..np];
-            let mut any = false;
-            for (((s, g), h), floor) in w.scores.iter_mut().zip(g).zip(h).zip(&w.floors) {
+            for ((s, g), h) in w.scores.iter_mut().zip(g).zip(h) {
                 *s = r.alpha * g + r.beta * h;
-                any |= *s >= *floor;
             }
-            if !any {
-                continue;
-            }
-            for (p, (&s, top)) in w.scores.iter().zip(tops.iter_mut()).enumerate() {
-                if s >= w.floors[p] {
-                    top.push(s, x.rows + i as u32);
+            // Which pairs this row enters, 64 at a time as a bit mask (a vector compare),
+            // so that only those are visited: most rows enter few heaps or none. A pair's
+            // floor only moves when that pair takes a row, so the mask stays exact.
+            for c0 in (0..np).step_by(64) {
+                let c1 = (c0 + 64).min(np);
+                let mut enters = 0u64;
+                for (b, (s, f)) in w.scores[c0..c1].iter().zip(&w.floors[c0..c1]).enumerate() {
+                    enters |= u64::from(s >= f) << b;
+                }
+                while enters != 0 {
+                    let p = c0 + enters.trailing_zeros() as usize;
+                    enters &= enters - 1;
+                    let top = &mut tops[p];
+                    top.push(w.scores[p], x.rows + i as u32);
                     w.floors[p] = top.floor;
                 }
             }
@@ -354,24 +360,28 @@ mod tests {
         let (nf, nl) = (5, 4);
         let firsts: Vec<f32> = (0..nf * half).map(|_| rnd()).collect();
         let lasts: Vec<f32> = (0..nl * half).map(|_| rnd()).collect();
-        let pairs: Vec<(u32, u32, f32)> = (0..17).map(|p| ((p % nf) as u32, (p * 3 % nl) as u32, 0.5 + p as f32 / 10.0)).collect();
-        let q = FactoredQueries { firsts: &firsts, lasts: &lasts, pairs: &pairs };
-        // a few examples (serial path) and all of them (parallel path), unknown ids skipped
-        for chosen in [vec![3usize, 17, 250, 9999], (0..1000).collect()] {
-            let ranges: Vec<std::ops::Range<usize>> = chosen
-                .iter()
-                .filter(|&&e| e < 1000)
-                .map(|&e| offsets[e] as usize..offsets[e + 1] as usize)
-                .collect();
-            let want = factored_search_ranges(&vectors, 2 * half, &q, &ranges, 7);
-            let got = h.search(&q, &chosen, 7);
-            assert_eq!(got.len(), pairs.len());
-            for (p, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(g.len(), w.len());
-                for (a, b) in g.iter().zip(w) {
-                    assert!((a.similarity - b.similarity).abs() < 1e-5, "query {p}: {a:?} vs {b:?}");
+        // 17 pairs, and 150: more than the 64 that a row's entry mask holds at once
+        for n_pairs in [17, 150] {
+            let pairs: Vec<(u32, u32, f32)> =
+                (0..n_pairs).map(|p| ((p % nf) as u32, (p * 3 % nl) as u32, 0.5 + (p % 17) as f32 / 10.0)).collect();
+            let q = FactoredQueries { firsts: &firsts, lasts: &lasts, pairs: &pairs };
+            // a few examples (serial path) and all of them (parallel path), unknown ids skipped
+            for chosen in [vec![3usize, 17, 250, 9999], (0..1000).collect()] {
+                let ranges: Vec<std::ops::Range<usize>> = chosen
+                    .iter()
+                    .filter(|&&e| e < 1000)
+                    .map(|&e| offsets[e] as usize..offsets[e + 1] as usize)
+                    .collect();
+                let want = factored_search_ranges(&vectors, 2 * half, &q, &ranges, 7);
+                let got = h.search(&q, &chosen, 7);
+                assert_eq!(got.len(), pairs.len());
+                for (p, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.len(), w.len());
+                    for (a, b) in g.iter().zip(w) {
+                        assert!((a.similarity - b.similarity).abs() < 1e-5, "{n_pairs} pairs, query {p}: {a:?} vs {b:?}");
+                    }
+                    assert_eq!(g[0].id, w[0].id, "{n_pairs} pairs, query {p}");
                 }
-                assert_eq!(g[0].id, w[0].id, "query {p}");
             }
         }
     }
