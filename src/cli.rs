@@ -238,7 +238,8 @@ pub struct QuerySettings {
     /// non-slot similarity (0: by similarity alone; 1: by how far the slot evidence wins).
     #[arg(long, default_value_t = QueryConfig::default().o_penalty)]
     pub o_penalty: f32,
-    /// greedy or best-average.
+    /// greedy, greedy-unique-labels (greedy, each label at most once per utterance: the
+    /// few-shot SNIPS headline's choice, BENCHMARKS.md) or best-average.
     #[arg(long, default_value = "greedy")]
     pub decoder: Strategy,
     /// Utterance neighbours retrieved for the intent.

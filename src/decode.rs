@@ -6,6 +6,10 @@
 //!
 //! - [`Strategy::Greedy`]: take candidates by descending score, skipping any that
 //!   overlaps one already taken (what a straightforward implementation does).
+//! - [`Strategy::GreedyUniqueLabels`]: the same, also skipping a candidate whose label
+//!   is already taken, so each label fills at most one slot per utterance. A prior, not
+//!   a rule of language: nearly every SNIPS utterance obeys it (BENCHMARKS.md), a query
+//!   such as "flights on monday or tuesday" does not.
 //! - [`Strategy::BestAverage`]: the segmentation of the utterance (labeled spans plus
 //!   single unlabeled words, each scored by its own similarity) whose *average*
 //!   segment score is highest, found exactly by dynamic programming over
@@ -27,7 +31,16 @@ pub struct Candidate {
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     Greedy,
+    GreedyUniqueLabels,
     BestAverage,
+}
+
+impl Strategy {
+    /// Whether candidates are taken best first (the greedy decoders), which is how a
+    /// slot scorer's logits and the non-slot penalty rank them.
+    pub fn is_greedy(self) -> bool {
+        matches!(self, Strategy::Greedy | Strategy::GreedyUniqueLabels)
+    }
 }
 
 impl std::str::FromStr for Strategy {
@@ -35,8 +48,11 @@ impl std::str::FromStr for Strategy {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "greedy" => Ok(Strategy::Greedy),
+            "greedy-unique-labels" => Ok(Strategy::GreedyUniqueLabels),
             "best-average" => Ok(Strategy::BestAverage),
-            other => Err(format!("unknown decoder {other:?}; expected \"greedy\" or \"best-average\"")),
+            other => {
+                Err(format!("unknown decoder {other:?}; expected \"greedy\", \"greedy-unique-labels\" or \"best-average\""))
+            }
         }
     }
 }
@@ -59,19 +75,20 @@ impl std::str::FromStr for Strategy {
 /// ```
 pub fn decode(candidates: &[Candidate], word_scores: &[f32], strategy: Strategy) -> Vec<Candidate> {
     let mut chosen = match strategy {
-        Strategy::Greedy => greedy(candidates),
+        Strategy::Greedy => greedy(candidates, false),
+        Strategy::GreedyUniqueLabels => greedy(candidates, true),
         Strategy::BestAverage => best_average(candidates, word_scores),
     };
     chosen.sort_by_key(|c| c.span.start);
     chosen
 }
 
-fn greedy(candidates: &[Candidate]) -> Vec<Candidate> {
+fn greedy(candidates: &[Candidate], unique_labels: bool) -> Vec<Candidate> {
     let mut order: Vec<&Candidate> = candidates.iter().collect();
     order.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.span.cmp(&b.span)));
     let mut chosen: Vec<Candidate> = Vec::new();
     for c in order {
-        if chosen.iter().all(|k| !k.span.overlaps(&c.span)) {
+        if chosen.iter().all(|k| !k.span.overlaps(&c.span) && !(unique_labels && k.label == c.label)) {
             chosen.push(*c);
         }
     }
@@ -150,6 +167,28 @@ mod tests {
     fn greedy_keeps_disjoint_spans_in_order() {
         let out = decode(&[c(2, 3, 1, 0.7), c(0, 1, 2, 0.9), c(0, 3, 3, 0.8)], &[0.0; 3], Strategy::Greedy);
         assert_eq!(out, [c(0, 1, 2, 0.9), c(2, 3, 1, 0.7)]);
+    }
+
+    #[test]
+    fn unique_labels_leave_a_taken_label_to_its_best_span() {
+        // Two disjoint "city" spans; the weaker one gives way, a "state" span stays.
+        let cands = [c(0, 1, 1, 0.9), c(2, 3, 1, 0.8), c(4, 5, 2, 0.7), c(2, 4, 2, 0.6)];
+        let plain = decode(&cands, &[], Strategy::Greedy);
+        assert_eq!(plain, [c(0, 1, 1, 0.9), c(2, 3, 1, 0.8), c(4, 5, 2, 0.7)]);
+        let unique = decode(&cands, &[], Strategy::GreedyUniqueLabels);
+        assert_eq!(unique, [c(0, 1, 1, 0.9), c(4, 5, 2, 0.7)]);
+        // The span that lost only its label to the taken one is not relabeled or revived,
+        // and a lower-ranked span of a free label that overlaps nothing chosen is taken.
+        let unique = decode(&[c(0, 1, 1, 0.9), c(2, 3, 1, 0.8), c(2, 4, 2, 0.6)], &[], Strategy::GreedyUniqueLabels);
+        assert_eq!(unique, [c(0, 1, 1, 0.9), c(2, 4, 2, 0.6)]);
+    }
+
+    #[test]
+    fn decoder_names_parse_and_a_wrong_one_lists_them() {
+        assert_eq!("greedy-unique-labels".parse::<Strategy>(), Ok(Strategy::GreedyUniqueLabels));
+        assert!(Strategy::GreedyUniqueLabels.is_greedy() && !Strategy::BestAverage.is_greedy());
+        let err = "unique".parse::<Strategy>().unwrap_err();
+        assert!(err.contains("greedy-unique-labels") && err.contains("best-average"), "{err}");
     }
 
     #[test]

@@ -497,8 +497,9 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
 }
 
 /// [`decide`], or with a fitted [`SlotScorer`]: its logit replaces the threshold, the
-/// non-slot margin and penalty and the detector weight (greedy decoding by logit, spans
-/// below [`SlotScorer::min_logit`] left out).
+/// non-slot margin and penalty and the detector weight (greedy decoding by logit, each
+/// label once per utterance with [`Strategy::GreedyUniqueLabels`], spans below
+/// [`SlotScorer::min_logit`] left out).
 pub fn decide_with(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig, scorer: Option<&SlotScorer>) -> Prediction {
     if let Some(scorer) = scorer {
         let candidates: Vec<Candidate> = scorer
@@ -507,7 +508,9 @@ pub fn decide_with(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryCo
             .filter(|&(_, logit)| logit >= scorer.min_logit)
             .map(|(i, logit)| Candidate { span: r.spans[i].span, label: r.spans[i].by_label[0].0, score: logit })
             .collect();
-        let chosen = decode(&candidates, &[], Strategy::Greedy);
+        // The logits rank best first, so a scorer always decodes greedily.
+        let strategy = if cfg.strategy.is_greedy() { cfg.strategy } else { Strategy::Greedy };
+        let chosen = decode(&candidates, &[], strategy);
         return prediction(index, ex, r, cfg, &chosen);
     }
     let candidates: Vec<Candidate> = r
@@ -520,7 +523,7 @@ pub fn decide_with(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryCo
             // Greedy decoding sees the ranking key; the similarity is reported below.
             // Best-average sums similarities, so it keeps them.
             let rank = match cfg.strategy {
-                Strategy::Greedy => score - cfg.o_penalty * e.o_score.unwrap_or(0.0),
+                Strategy::Greedy | Strategy::GreedyUniqueLabels => score - cfg.o_penalty * e.o_score.unwrap_or(0.0),
                 Strategy::BestAverage => score,
             };
             (score >= cfg.threshold && beats_o).then_some(Candidate { span: e.span, label, score: rank })
@@ -747,6 +750,39 @@ mod tests {
         assert_eq!(slots(1.0), [("new york".to_string(), 0.75)]);
         // Best-average sums similarities and ignores the penalty.
         assert_eq!(slots_with(1.0, Strategy::BestAverage), slots_with(0.0, Strategy::BestAverage));
+    }
+
+    /// "from oslo to rome": two spans whose best label is city. The greedy decoder keeps
+    /// both; greedy-unique-labels keeps the better one, with the hand-set rule and with a
+    /// slot scorer alike.
+    #[test]
+    fn unique_labels_keep_one_slot_per_label_with_or_without_a_scorer() {
+        let info = EncoderInfo { model_id: "toy".into(), revision: "0".into(), pooling: "mean".into(), max_width: 3, dim: 2 };
+        let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
+        let city = NewSpan { label: "city", start: 3, end: 8, text: "paris" };
+        index.add_example("to paris", None, &[1.0, 0.0], &[(city, &[1.0, 0.0][..])]).unwrap();
+        let city_id = index.label_id("city").unwrap().0;
+        let ex = Example::from_text("from oslo to rome", None);
+        let evidence = |start, score| SpanEvidence {
+            span: WordSpan { start, end: start + 1 },
+            by_label: vec![(city_id, score, 0)],
+            o_score: Some(0.2),
+            slotness: None,
+            memory: Vec::new(),
+        };
+        let r = Retrieved { spans: vec![evidence(1, 0.8), evidence(3, 0.9)], utterances: vec![] };
+        // Fitted to prefer the more similar span, then told to keep every span.
+        let gold = vec![(WordSpan { start: 3, end: 4 }, city_id)];
+        let mut scorer = crate::scorer::SlotScorer::fit(&[crate::scorer::Labeled { retrieved: &r, gold }], &Default::default()).unwrap();
+        scorer.min_logit = -1e3;
+        for scorer in [None, Some(&scorer)] {
+            let slots = |strategy| {
+                let cfg = QueryConfig { strategy, ..QueryConfig::default() };
+                decide_with(&index, &ex, &r, &cfg, scorer).slots.into_iter().map(|s| s.text).collect::<Vec<_>>()
+            };
+            assert_eq!(slots(Strategy::Greedy), ["oslo", "rome"], "scorer: {}", scorer.is_some());
+            assert_eq!(slots(Strategy::GreedyUniqueLabels), ["rome"], "scorer: {}", scorer.is_some());
+        }
     }
 
     /// The detector's opinion: a span that loses to non-slot evidence becomes a slot when
