@@ -88,7 +88,8 @@ fn greedy(candidates: &[Candidate], unique_labels: bool) -> Vec<Candidate> {
     order.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.span.cmp(&b.span)));
     let mut chosen: Vec<Candidate> = Vec::new();
     for c in order {
-        if chosen.iter().all(|k| !k.span.overlaps(&c.span) && !(unique_labels && k.label == c.label)) {
+        let clashes = |k: &Candidate| k.span.overlaps(&c.span) || (unique_labels && k.label == c.label);
+        if !chosen.iter().any(clashes) {
             chosen.push(*c);
         }
     }
