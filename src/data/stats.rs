@@ -1,6 +1,7 @@
 //! Dataset statistics, chiefly to choose the maximum span width: candidate spans grow
 //! linearly with it, and [`SplitStats::width_coverage`] shows how many gold slots a
-//! given width would make unreachable.
+//! given width would make unreachable. [`SplitStats::repeated_label_spans`] likewise
+//! says what `--decoder greedy-unique-labels` (each label once per utterance) would cost.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +33,11 @@ pub struct SplitStats {
     pub max_span_width: usize,
     /// For each width w in 1..=[`COVERAGE_MAX_WIDTH`], the gold spans no wider than w.
     pub width_coverage: Vec<WidthCoverage>,
+    /// Examples with two or more gold spans of one label.
+    pub examples_with_a_repeated_label: usize,
+    /// Gold spans beyond the first of their label in their example: the slots a decoder
+    /// that keeps each label once per utterance can never find.
+    pub repeated_label_spans: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -62,6 +68,8 @@ fn split_stats(split: &Split) -> SplitStats {
         slot_labels: BTreeMap::new(),
         max_span_width: 0,
         width_coverage: Vec::new(),
+        examples_with_a_repeated_label: 0,
+        repeated_label_spans: 0,
     };
     let mut widths = vec![0usize; COVERAGE_MAX_WIDTH + 1];
     for e in &split.examples {
@@ -71,6 +79,9 @@ fn split_stats(split: &Split) -> SplitStats {
             s.examples_with_intent += 1;
             *s.intents.entry(intent.clone()).or_default() += 1;
         }
+        let repeats = e.spans.iter().enumerate().filter(|(i, a)| e.spans[..*i].iter().any(|b| b.label == a.label)).count();
+        s.repeated_label_spans += repeats;
+        s.examples_with_a_repeated_label += usize::from(repeats > 0);
         for span in &e.spans {
             let width = span.word_end.saturating_sub(span.word_start);
             s.spans += 1;

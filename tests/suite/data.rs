@@ -326,8 +326,15 @@ fn stats_report_widths_and_counts() {
     };
     let s = &stats(&small).splits[0];
     assert_eq!((s.examples, s.spans, s.max_span_width, s.examples_with_intent, s.words), (2, 2, 2, 1, 4));
+    assert_eq!((s.examples_with_a_repeated_label, s.repeated_label_spans), (0, 0));
     assert_eq!((s.width_coverage[0].spans, s.width_coverage[0].fraction), (1, 0.5));
     assert_eq!(s.width_coverage[1].fraction, 1.0);
+
+    // "from oslo to rome via paris": three cities, two beyond the first.
+    let trip = Example::from_words(&["from", "oslo", "to", "rome", "via", "paris", "at", "9"], &["O", "B-city", "O", "B-city", "O", "B-city", "O", "B-time"], None).unwrap();
+    let one = |examples| Dataset { format: Format::Jsonl, splits: vec![Split { name: "x".into(), source: "x.jsonl".into(), examples }] };
+    let s = &stats(&one(vec![trip.clone(), trip])).splits[0];
+    assert_eq!((s.examples_with_a_repeated_label, s.repeated_label_spans), (2, 4));
 }
 
 // ---------- JSONL ----------
