@@ -752,16 +752,22 @@ mod tests {
         assert_eq!(slots_with(1.0, Strategy::BestAverage), slots_with(0.0, Strategy::BestAverage));
     }
 
-    /// "from oslo to rome": two spans whose best label is city. The greedy decoder keeps
-    /// both; greedy-unique-labels keeps the better one, with the hand-set rule and with a
-    /// slot scorer alike.
-    #[test]
-    fn unique_labels_keep_one_slot_per_label_with_or_without_a_scorer() {
+    /// A 2-dimensional index holding "to paris" with "paris" as a city, and the city label's id.
+    fn paris_index() -> (SpanIndex, u32) {
         let info = EncoderInfo { model_id: "toy".into(), revision: "0".into(), pooling: "mean".into(), max_width: 3, dim: 2 };
         let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
         let city = NewSpan { label: "city", start: 3, end: 8, text: "paris" };
         index.add_example("to paris", None, &[1.0, 0.0], &[(city, &[1.0, 0.0][..])]).unwrap();
         let city_id = index.label_id("city").unwrap().0;
+        (index, city_id)
+    }
+
+    /// "from oslo to rome": two spans whose best label is city. The greedy decoder keeps
+    /// both; greedy-unique-labels keeps the better one, with the hand-set rule and with a
+    /// slot scorer alike.
+    #[test]
+    fn unique_labels_keep_one_slot_per_label_with_or_without_a_scorer() {
+        let (index, city_id) = paris_index();
         let ex = Example::from_text("from oslo to rome", None);
         let evidence = |start, score| SpanEvidence {
             span: WordSpan { start, end: start + 1 },
@@ -791,11 +797,7 @@ mod tests {
     /// reported score stays the similarity.
     #[test]
     fn the_detector_moves_slot_decisions_by_its_weight() {
-        let info = EncoderInfo { model_id: "toy".into(), revision: "0".into(), pooling: "mean".into(), max_width: 3, dim: 2 };
-        let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
-        let city = NewSpan { label: "city", start: 3, end: 8, text: "paris" };
-        index.add_example("to paris", None, &[1.0, 0.0], &[(city, &[1.0, 0.0][..])]).unwrap();
-        let city_id = index.label_id("city").unwrap().0;
+        let (index, city_id) = paris_index();
         let ex = Example::from_text("fly to oslo from rome", None);
         let evidence = |start, score, o, slotness| SpanEvidence {
             span: WordSpan { start, end: start + 1 },
