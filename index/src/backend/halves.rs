@@ -111,11 +111,7 @@ impl SpanHalves {
         let examples: Vec<usize> = examples.iter().copied().filter(|&e| e < self.examples.len()).collect();
         let run = |part: &[usize]| {
             let mut tops: Vec<TopK> = q.pairs.iter().map(|_| TopK::new(k)).collect();
-            let mut scratch = Scratch {
-                floors: vec![f32::NEG_INFINITY; q.pairs.len()],
-                scales: q.pairs.iter().map(|p| p.2).collect(),
-                ..Scratch::default()
-            };
+            let mut scratch = Scratch { floors: vec![f32::NEG_INFINITY; q.pairs.len()], ..Scratch::default() };
             for (i, &e) in part.iter().enumerate() {
                 if let Some(&next) = part.get(i + 1) {
                     self.prefetch_example(next);
@@ -191,14 +187,17 @@ impl SpanHalves {
         products(q.firsts, starts, half, &mut w.first);
         refill(&mut w.last, q.lasts.len() / half * ne);
         products(q.lasts, ends, half, &mut w.last);
-        // by_start[j][p] = scale_p · first[f_p][j], written row by row (contiguous) from
-        // the pairs' scales and products gathered at f_p · ns + j.
-        w.at_first.clear();
-        w.at_first.extend(q.pairs.iter().map(|&(f, _, _)| f as usize * ns));
-        w.at_last.clear();
-        w.at_last.extend(q.pairs.iter().map(|&(_, l, _)| l as usize * ne));
-        fill_scaled(&mut w.by_start, &w.first, &w.at_first, &w.scales, ns);
-        fill_scaled(&mut w.by_end, &w.last, &w.at_last, &w.scales, ne);
+        refill(&mut w.by_start, ns * np);
+        refill(&mut w.by_end, ne * np);
+        for (p, &(f, l, scale)) in q.pairs.iter().enumerate() {
+            let (f, l) = (f as usize, l as usize);
+            for j in 0..ns {
+                w.by_start[j * np + p] = scale * w.first[f * ns + j];
+            }
+            for j in 0..ne {
+                w.by_end[j * np + p] = scale * w.last[l * ne + j];
+            }
+        }
         refill(&mut w.scores, np);
         let rows = &self.rows[x.rows as usize..(x.rows + x.n_rows) as usize];
         for (i, r) in rows.iter().enumerate() {
@@ -238,22 +237,6 @@ struct Scratch {
     scores: Vec<f32>,
     /// `tops[p].floor`, contiguous.
     floors: Vec<f32>,
-    /// Each pair's scale, and where its query halves' products with the example's
-    /// halves begin in `first` and `last`.
-    scales: Vec<f32>,
-    at_first: Vec<usize>,
-    at_last: Vec<usize>,
-}
-
-/// `out[j · np + p] = scales[p] · products[at[p] + j]` for `j < n`, `np = at.len()`.
-fn fill_scaled(out: &mut Vec<f32>, products: &[f32], at: &[usize], scales: &[f32], n: usize) {
-    let np = at.len();
-    refill(out, n * np);
-    for (j, row) in out.chunks_exact_mut(np.max(1)).enumerate().take(n) {
-        for ((o, &a), &s) in row.iter_mut().zip(at).zip(scales) {
-            *o = s * products[a + j];
-        }
-    }
 }
 
 /// Prefetches every cache line of `data` (a hint: no effect on results; nothing on
