@@ -136,11 +136,19 @@ impl SpanHalves {
     /// begin with a wait for memory (measured: BENCHMARKS.md, "Two-stage search").
     fn prefetch_example(&self, e: usize) {
         let x = self.examples[e];
+        prefetch(self.halves_of(x));
+        prefetch(self.rows_of(x));
+    }
+
+    /// An example's distinct halves: its `starts` first halves, then its `ends` last ones.
+    fn halves_of(&self, x: ExampleHalves) -> &[f32] {
         let h0 = x.halves as usize * self.half;
-        let halves = &self.halves[h0..h0 + (x.starts + x.ends) as usize * self.half];
-        let rows = &self.rows[x.rows as usize..(x.rows + x.n_rows) as usize];
-        prefetch(halves);
-        prefetch(rows);
+        &self.halves[h0..h0 + (x.starts + x.ends) as usize * self.half]
+    }
+
+    /// An example's per-row coefficients.
+    fn rows_of(&self, x: ExampleHalves) -> &[RowHalves] {
+        &self.rows[x.rows as usize..(x.rows + x.n_rows) as usize]
     }
 
     /// Scores example `e`'s rows for every query pair into `tops`.
@@ -180,9 +188,8 @@ impl SpanHalves {
     #[inline(always)]
     fn score_example_impl(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], w: &mut Scratch) {
         let x = self.examples[e];
-        let (half, h0, ns, ne, np) = (self.half, x.halves as usize, x.starts as usize, x.ends as usize, q.pairs.len());
-        let starts = &self.halves[h0 * half..(h0 + ns) * half];
-        let ends = &self.halves[(h0 + ns) * half..(h0 + ns + ne) * half];
+        let (half, ns, ne, np) = (self.half, x.starts as usize, x.ends as usize, q.pairs.len());
+        let (starts, ends) = self.halves_of(x).split_at(ns * half);
         refill(&mut w.first, q.firsts.len() / half * ns);
         products(q.firsts, starts, half, &mut w.first);
         refill(&mut w.last, q.lasts.len() / half * ne);
@@ -199,8 +206,7 @@ impl SpanHalves {
             }
         }
         refill(&mut w.scores, np);
-        let rows = &self.rows[x.rows as usize..(x.rows + x.n_rows) as usize];
-        for (i, r) in rows.iter().enumerate() {
+        for (i, r) in self.rows_of(x).iter().enumerate() {
             let g = &w.by_start[r.start as usize * np..][..np];
             let h = &w.by_end[r.end as usize * np..][..np];
             for ((s, g), h) in w.scores.iter_mut().zip(g).zip(h) {
