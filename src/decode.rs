@@ -9,7 +9,9 @@
 //! - [`Strategy::GreedyUniqueLabels`]: the same, also skipping a candidate whose label
 //!   is already taken, so each label fills at most one slot per utterance. A prior, not
 //!   a rule of language: nearly every SNIPS utterance obeys it (BENCHMARKS.md), a query
-//!   such as "flights on monday or tuesday" does not.
+//!   such as "flights on monday or tuesday" does not. With a slot scorer, a span whose
+//!   best label went to a better span is offered again with its second label
+//!   ([`crate::labeler::decide_with`]).
 //! - [`Strategy::BestAverage`]: the segmentation of the utterance (labeled spans plus
 //!   single unlabeled words, each scored by its own similarity) whose *average*
 //!   segment score is highest, found exactly by dynamic programming over
@@ -178,8 +180,10 @@ mod tests {
         assert_eq!(plain, [c(0, 1, 1, 0.9), c(2, 3, 1, 0.8), c(4, 5, 2, 0.7)]);
         let unique = decode(&cands, &[], Strategy::GreedyUniqueLabels);
         assert_eq!(unique, [c(0, 1, 1, 0.9), c(4, 5, 2, 0.7)]);
-        // The span that lost only its label to the taken one is not relabeled or revived,
-        // and a lower-ranked span of a free label that overlaps nothing chosen is taken.
+        // The decoder does not relabel the span that lost only its label to the taken one
+        // (a span's other labels come as candidates of their own: with a slot scorer,
+        // `decide_with` offers its second), and a lower-ranked span of a free label that
+        // overlaps nothing chosen is taken.
         let unique = decode(&[c(0, 1, 1, 0.9), c(2, 3, 1, 0.8), c(2, 4, 2, 0.6)], &[], Strategy::GreedyUniqueLabels);
         assert_eq!(unique, [c(0, 1, 1, 0.9), c(2, 4, 2, 0.6)]);
     }

@@ -502,12 +502,28 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
 /// [`SlotScorer::min_logit`] left out).
 pub fn decide_with(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig, scorer: Option<&SlotScorer>) -> Prediction {
     if let Some(scorer) = scorer {
-        let candidates: Vec<Candidate> = scorer
+        let mut candidates: Vec<Candidate> = scorer
             .score(r)
             .into_iter()
             .filter(|&(_, logit)| logit >= scorer.min_logit)
             .map(|(i, logit)| Candidate { span: r.spans[i].span, label: r.spans[i].by_label[0].0, score: logit })
             .collect();
+        // With each label used once, a span whose best label went to a better span may
+        // still be a slot of its second label: offered as a second candidate, scored as
+        // if that label were its best but never above its first (so it is only reached
+        // when the first was skipped for its label).
+        if cfg.strategy == Strategy::GreedyUniqueLabels {
+            let firsts = candidates.len();
+            for k in 0..firsts {
+                let first = candidates[k];
+                let Some(e) = r.spans.iter().find(|e| e.span == first.span) else { continue };
+                let Some(x) = crate::scorer::features_as(e, 1) else { continue };
+                let logit = scorer.logit(&x).min(first.score);
+                if logit >= scorer.min_logit {
+                    candidates.push(Candidate { span: e.span, label: e.by_label[1].0, score: logit });
+                }
+            }
+        }
         // The logits rank best first, so a scorer always decodes greedily.
         let strategy = if cfg.strategy.is_greedy() { cfg.strategy } else { Strategy::Greedy };
         let chosen = decode(&candidates, &[], strategy);
@@ -549,9 +565,14 @@ fn prediction(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig,
             let (start, end) = char_range(ex, c.span);
             // The few chosen spans are found among ~50 candidates; no map is worth building.
             let evidence = r.spans.iter().find(|e| e.span == c.span).map_or(&[][..], |e| &e.by_label[..]);
-            let similarity = evidence.first().map_or(c.score, |x| x.1);
+            // The chosen label's neighbour first (it is not the best one when a decoder
+            // gave the span its second label), then the others best first.
+            let chosen = evidence.iter().position(|x| x.0 == c.label).unwrap_or(0);
+            let similarity = evidence.get(chosen).map_or(c.score, |x| x.1);
             let neighbours = evidence
-                .iter()
+                .get(chosen)
+                .into_iter()
+                .chain(evidence.iter().enumerate().filter(|&(i, _)| i != chosen).map(|(_, x)| x))
                 .take(cfg.explain)
                 .map(|&(_, similarity, id)| span_neighbour(index, id, similarity))
                 .collect();
@@ -789,6 +810,37 @@ mod tests {
             assert_eq!(slots(Strategy::Greedy), ["oslo", "rome"], "scorer: {}", scorer.is_some());
             assert_eq!(slots(Strategy::GreedyUniqueLabels), ["rome"], "scorer: {}", scorer.is_some());
         }
+    }
+
+    /// "from oslo to rome", both best as city, oslo second as from_city. With a slot
+    /// scorer, greedy-unique-labels gives rome the city and oslo its second label,
+    /// explained by that label's neighbour first; plain greedy keeps both as city, and
+    /// without a second label oslo is dropped as before.
+    #[test]
+    fn unique_labels_give_a_span_that_lost_its_label_its_second() {
+        let info = EncoderInfo { model_id: "toy".into(), revision: "0".into(), pooling: "mean".into(), max_width: 3, dim: 2 };
+        let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
+        let city = NewSpan { label: "city", start: 3, end: 8, text: "paris" };
+        index.add_example("to paris", None, &[1.0, 0.0], &[(city, &[1.0, 0.0][..])]).unwrap();
+        let from = NewSpan { label: "from_city", start: 5, end: 10, text: "paris" };
+        index.add_example("from paris", None, &[0.0, 1.0], &[(from, &[0.0, 1.0][..])]).unwrap();
+        let (city_id, from_id) = (index.label_id("city").unwrap().0, index.label_id("from_city").unwrap().0);
+        let ex = Example::from_text("from oslo to rome", None);
+        let evidence = |start, by_label| SpanEvidence { span: WordSpan { start, end: start + 1 }, by_label, o_score: Some(0.2), slotness: None, memory: Vec::new() };
+        let retrieved = |oslo| Retrieved { spans: vec![evidence(1, oslo), evidence(3, vec![(city_id, 0.9, 0)])], utterances: vec![] };
+        let r = retrieved(vec![(city_id, 0.8, 0), (from_id, 0.7, 1)]);
+        let gold = vec![(WordSpan { start: 1, end: 2 }, from_id), (WordSpan { start: 3, end: 4 }, city_id)];
+        let mut scorer = crate::scorer::SlotScorer::fit(&[crate::scorer::Labeled { retrieved: &r, gold }], &Default::default()).unwrap();
+        scorer.min_logit = -1e3;
+        let slots = |r: &Retrieved, strategy| {
+            let cfg = QueryConfig { strategy, ..QueryConfig::default() };
+            let p = decide_with(&index, &ex, r, &cfg, Some(&scorer));
+            p.slots.into_iter().map(|s| (s.text, s.label, s.score, s.neighbours[0].label.clone())).collect::<Vec<_>>()
+        };
+        let slot = |text: &str, label: &str, score: f32| (text.to_string(), label.to_string(), score, label.to_string());
+        assert_eq!(slots(&r, Strategy::GreedyUniqueLabels), [slot("oslo", "from_city", 0.7), slot("rome", "city", 0.9)]);
+        assert_eq!(slots(&r, Strategy::Greedy), [slot("oslo", "city", 0.8), slot("rome", "city", 0.9)]);
+        assert_eq!(slots(&retrieved(vec![(city_id, 0.8, 0)]), Strategy::GreedyUniqueLabels), [slot("rome", "city", 0.9)]);
     }
 
     /// The detector's opinion: a span that loses to non-slot evidence becomes a slot when

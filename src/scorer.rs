@@ -97,9 +97,16 @@ impl<'a> Labeled<'a> {
 
 /// The features of one span, `None` when it has no slot label to score.
 pub fn features(e: &SpanEvidence) -> Option<[f32; N_FEATURES]> {
-    let &(_, s, _) = e.by_label.first()?;
+    features_as(e, 0)
+}
+
+/// The features of one span read as if its `rank`-th label (0: its best) were the one
+/// to score: that label's similarity, and the margin over the best of the others (below
+/// zero for any rank but 0). `None` when it has no such label.
+pub fn features_as(e: &SpanEvidence, rank: usize) -> Option<[f32; N_FEATURES]> {
+    let &(_, s, _) = e.by_label.get(rank)?;
     let o = e.o_score.unwrap_or(0.0);
-    let second = e.by_label.get(1).map(|x| x.1);
+    let second = e.by_label.get(if rank == 0 { 1 } else { 0 }).map(|x| x.1);
     let z = e.slotness.map_or(0.0, |z| if z.is_nan() { 0.0 } else { z.clamp(-30.0, 30.0) });
     let present = |x: bool| if x { 1.0 } else { 0.0 };
     Some([s, o, present(e.o_score.is_some()), s - o, s - second.unwrap_or(s), present(second.is_some()), z, sigmoid(z)])
