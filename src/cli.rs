@@ -266,6 +266,11 @@ pub struct QuerySettings {
     /// accuracy cost measured in BENCHMARKS.md. Default: search all spans.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
     pub prefilter: Option<usize>,
+    /// Precision of the span halves that exact start ⊕ end span search reads (with
+    /// --prefilter, or every span of an exact index): f32, or bf16 for half the memory
+    /// read per query, each similarity off by about 1e-3 (accuracy cost in BENCHMARKS.md).
+    #[arg(long, value_name = "PRECISION", default_value = "f32")]
+    pub halves_precision: nearspan_index::HalvesPrecision,
     /// A span detector (`nearspan train detector`, JSON): its probability P that a span
     /// is a slot moves the span's score by --detector-weight × (P − 0.5). Default: none.
     #[arg(long, value_name = "FILE")]
@@ -282,12 +287,13 @@ pub struct QuerySettings {
 }
 
 impl QuerySettings {
-    /// Applies the index-side settings (`--ef`; with `--prefilter`, builds the factored
-    /// span halves now rather than during the first query).
+    /// Applies the index-side settings (`--ef`, `--halves-precision`; with `--prefilter`,
+    /// builds the factored span halves now rather than during the first query).
     pub(crate) fn apply(&self, index: &mut SpanIndex) {
         if let Some(ef) = self.ef {
             index.set_ef_search(ef);
         }
+        index.set_halves_precision(self.halves_precision);
         if self.prefilter.is_some() {
             index.prepare_factored_search();
         }

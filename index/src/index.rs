@@ -9,7 +9,7 @@ use crate::backend::tiled::TiledRows;
 use crate::backend::{new_backend, preferred_hnsw, AnnBackend, Vectors};
 use crate::format::{self, Graph, Meta, GRAPH_NONE, GRAPH_USEARCH};
 use crate::{
-    BackendKind, EncoderInfo, ExampleId, ExampleRecord, HnswParams, IndexError, LabelId, Neighbor, NewSpan,
+    BackendKind, EncoderInfo, ExampleId, ExampleRecord, HalvesPrecision, HnswParams, IndexError, LabelId, Neighbor, NewSpan,
     SpanRecord,
 };
 
@@ -111,6 +111,8 @@ pub struct SpanIndex {
     /// built on first use (or by [`prepare_factored_search`](Self::prepare_factored_search)),
     /// grown by `add_example`; `None` inside when the rows are not start ⊕ end.
     span_halves: OnceLock<Option<SpanHalves>>,
+    /// The precision `span_halves` is built in (a setting of this process, not stored).
+    halves_precision: HalvesPrecision,
     /// With exact utterance search, the utterance rows' repeated block (utterance vectors
     /// are tiled to the span dimension): built on first use, grown by `add_example`.
     utt_tiles: OnceLock<Option<TiledRows>>,
@@ -159,6 +161,7 @@ impl SpanIndex {
             span_set,
             utt_set,
             span_halves: OnceLock::new(),
+            halves_precision: HalvesPrecision::F32,
             utt_tiles: OnceLock::new(),
         })
     }
@@ -321,10 +324,21 @@ impl SpanIndex {
         self.span_halves().is_some()
     }
 
+    /// Keeps the factored search's halves in `precision` from now on (f32 unless set):
+    /// bf16 reads half the bytes per search, at about 1e-3 error in each similarity.
+    /// Halves already built in another precision are dropped and built again on use.
+    pub fn set_halves_precision(&mut self, precision: HalvesPrecision) {
+        if precision != self.halves_precision {
+            self.halves_precision = precision;
+            self.span_halves = OnceLock::new();
+        }
+    }
+
     fn span_halves(&self) -> Option<&SpanHalves> {
         self.span_halves
             .get_or_init(|| {
-                SpanHalves::build(self.span_set.vectors.as_slice(), self.encoder.dim as usize, &self.spans, &self.span_offsets)
+                let (vectors, dim) = (self.span_set.vectors.as_slice(), self.encoder.dim as usize);
+                SpanHalves::build(vectors, dim, &self.spans, &self.span_offsets, self.halves_precision)
             })
             .as_ref()
     }
@@ -548,6 +562,7 @@ impl SpanIndex {
             span_set,
             utt_set,
             span_halves: OnceLock::new(),
+            halves_precision: HalvesPrecision::F32,
             utt_tiles: OnceLock::new(),
         })
     }

@@ -192,6 +192,37 @@ impl std::str::FromStr for GraphPrecision {
     }
 }
 
+/// Precision of the span halves kept in memory for the factored two-stage search
+/// ([`SpanIndex::set_halves_precision`]); never stored in the file. Bf16 halves the bytes
+/// a search reads, which bound it, at about 1e-3 error in each similarity (the query side
+/// and the sums stay f32; BENCHMARKS.md gives the accuracy cost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HalvesPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::fmt::Display for HalvesPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HalvesPrecision::F32 => "f32",
+            HalvesPrecision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for HalvesPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(HalvesPrecision::F32),
+            "bf16" => Ok(HalvesPrecision::Bf16),
+            other => Err(format!("unknown halves precision {other:?}; expected f32 or bf16")),
+        }
+    }
+}
+
 impl Default for HnswParams {
     /// `M = 16, efConstruction = 128, ef = 64`: recall@1 >= 0.98 on clustered
     /// 384-dim vectors up to 10^5 (see `examples/ann_compare.rs`).

@@ -177,6 +177,7 @@ pub fn measure(a: &QueryBenchArgs) -> Result<Value> {
         "k": cfg.k, "threshold": cfg.threshold, "o_margin": cfg.o_margin, "decoder": cfg.strategy,
         "intent_k": cfg.intent_k, "intent_aggregation": cfg.intent_aggregation, "oos_threshold": cfg.oos_threshold,
         "explain": cfg.explain, "batch_size": cfg.batch_size, "prefilter": cfg.prefilter,
+        "halves_precision": a.settings.halves_precision.to_string(),
         "detector": a.settings.detector, "detector_weight": cfg.detector_weight, "scorer": a.settings.scorer
     });
     report["threads"] = json!(a.threads);

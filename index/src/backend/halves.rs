@@ -12,19 +12,24 @@
 //! Nothing here trusts the layout: [`SpanHalves::build`] checks every row against its
 //! halves and gives up (the caller scans rows instead) when one does not match, as with
 //! mean-pooled spans.
+//!
+//! The halves are kept in f32 or, by choice, in bf16 ([`HalvesPrecision`]): a search
+//! reads each example's halves from memory once, and that reading bounds it, so half the
+//! bytes is most of the gain; they are widened back to f32 (exactly) before the products,
+//! so the only difference is the rounding of the stored halves.
 
 use rayon::prelude::*;
 
 use super::exact::{products, FactoredQueries};
 use super::{run_parts, TopK, PARALLEL_MIN_WORK};
-use crate::{Neighbor, SpanRecord};
+use crate::{HalvesPrecision, Neighbor, SpanRecord};
 
 /// Every example's span rows as distinct halves and per-row coefficients.
 pub(crate) struct SpanHalves {
     half: usize,
     /// Distinct halves, `half` wide, row-major: per example its first halves, then its
     /// last halves.
-    halves: Vec<f32>,
+    halves: Halves,
     examples: Vec<ExampleHalves>,
     /// Per span row, in span id order.
     rows: Vec<RowHalves>,
@@ -41,6 +46,37 @@ struct ExampleHalves {
     n_rows: u32,
 }
 
+/// The distinct halves' elements in the chosen precision.
+#[derive(Debug, Clone, PartialEq)]
+enum Halves {
+    F32(Vec<f32>),
+    /// bf16 bit patterns (the high 16 bits of the nearest f32, ties to even).
+    Bf16(Vec<u16>),
+}
+
+impl Halves {
+    fn new(precision: HalvesPrecision) -> Halves {
+        match precision {
+            HalvesPrecision::F32 => Halves::F32(Vec::new()),
+            HalvesPrecision::Bf16 => Halves::Bf16(Vec::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Halves::F32(v) => v.len(),
+            Halves::Bf16(v) => v.len(),
+        }
+    }
+
+    fn extend(&mut self, values: &[f32]) {
+        match self {
+            Halves::F32(v) => v.extend_from_slice(values),
+            Halves::Bf16(v) => v.extend(values.iter().map(|&x| half::bf16::from_f32(x).to_bits())),
+        }
+    }
+}
+
 /// Row = `alpha · first halves[start] ⊕ beta · last halves[end]` (example-local indices).
 #[derive(Debug, Clone, Copy)]
 struct RowHalves {
@@ -55,9 +91,16 @@ type Factored = (Vec<f32>, u32, u32, Vec<RowHalves>);
 
 impl SpanHalves {
     /// Factors the span rows of every example (`offsets[e]..offsets[e + 1]`), grouping
-    /// rows by their records' start and end characters. `None` when the dimension is odd
-    /// or any row is not its group's halves times a scale (up to rounding).
-    pub(crate) fn build(vectors: &[f32], dim: usize, spans: &[SpanRecord], offsets: &[u32]) -> Option<SpanHalves> {
+    /// rows by their records' start and end characters, keeping the halves in `precision`.
+    /// `None` when the dimension is odd or any row is not its group's halves times a
+    /// scale (up to rounding).
+    pub(crate) fn build(
+        vectors: &[f32],
+        dim: usize,
+        spans: &[SpanRecord],
+        offsets: &[u32],
+        precision: HalvesPrecision,
+    ) -> Option<SpanHalves> {
         if dim < 2 || dim % 2 != 0 || vectors.len() != spans.len() * dim || offsets.is_empty() {
             return None;
         }
@@ -65,7 +108,7 @@ impl SpanHalves {
             .par_windows(2)
             .map(|w| factor_example(vectors, dim, spans, w[0] as usize..w[1] as usize))
             .collect::<Option<_>>()?;
-        let mut out = SpanHalves { half: dim / 2, halves: Vec::new(), examples: Vec::with_capacity(parts.len()), rows: Vec::with_capacity(spans.len()) };
+        let mut out = SpanHalves { half: dim / 2, halves: Halves::new(precision), examples: Vec::with_capacity(parts.len()), rows: Vec::with_capacity(spans.len()) };
         for (w, part) in offsets.windows(2).zip(parts) {
             out.append(w[0], part);
         }
@@ -80,7 +123,7 @@ impl SpanHalves {
             rows: first_row,
             n_rows: rows.len() as u32,
         });
-        self.halves.extend_from_slice(&halves);
+        self.halves.extend(&halves);
         self.rows.extend_from_slice(&rows);
     }
 
@@ -136,14 +179,19 @@ impl SpanHalves {
     /// begin with a wait for memory (measured: BENCHMARKS.md, "Two-stage search").
     fn prefetch_example(&self, e: usize) {
         let x = self.examples[e];
-        prefetch(self.halves_of(x));
+        let range = self.halves_of(x);
+        match &self.halves {
+            Halves::F32(v) => prefetch(&v[range]),
+            Halves::Bf16(v) => prefetch(&v[range]),
+        }
         prefetch(self.rows_of(x));
     }
 
-    /// An example's distinct halves: its `starts` first halves, then its `ends` last ones.
-    fn halves_of(&self, x: ExampleHalves) -> &[f32] {
+    /// Where an example's distinct halves lie in `halves` (elements): its `starts` first
+    /// halves, then its `ends` last ones.
+    fn halves_of(&self, x: ExampleHalves) -> std::ops::Range<usize> {
         let h0 = x.halves as usize * self.half;
-        &self.halves[h0..h0 + (x.starts + x.ends) as usize * self.half]
+        h0..h0 + (x.starts + x.ends) as usize * self.half
     }
 
     /// An example's per-row coefficients.
@@ -189,7 +237,17 @@ impl SpanHalves {
     fn score_example_impl(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], w: &mut Scratch) {
         let x = self.examples[e];
         let (half, ns, ne, np) = (self.half, x.starts as usize, x.ends as usize, q.pairs.len());
-        let (starts, ends) = self.halves_of(x).split_at(ns * half);
+        let range = self.halves_of(x);
+        let all: &[f32] = match &self.halves {
+            Halves::F32(v) => &v[range],
+            Halves::Bf16(v) => {
+                // bf16 to f32 is exact: the bits are the f32's high half.
+                w.widened.clear();
+                w.widened.extend(v[range].iter().map(|&b| f32::from_bits(u32::from(b) << 16)));
+                &w.widened
+            }
+        };
+        let (starts, ends) = all.split_at(ns * half);
         refill(&mut w.first, q.firsts.len() / half * ns);
         products(q.firsts, starts, half, &mut w.first);
         refill(&mut w.last, q.lasts.len() / half * ne);
@@ -243,6 +301,8 @@ struct Scratch {
     scores: Vec<f32>,
     /// `tops[p].floor`, contiguous.
     floors: Vec<f32>,
+    /// An example's bf16 halves widened to f32.
+    widened: Vec<f32>,
 }
 
 /// Prefetches every cache line of `data` (a hint: no effect on results; nothing on
@@ -338,13 +398,23 @@ mod tests {
     /// Examples of `words[e]` words, every span of width ≤ 4 pooled start ⊕ end from
     /// random token vectors and normalized, as the index stores them.
     fn start_end_rows(words: &[usize], half: usize, rnd: &mut impl FnMut() -> f32) -> (Vec<f32>, Vec<SpanRecord>, Vec<u32>) {
+        start_end_rows_scaled(words, half, rnd, true)
+    }
+
+    /// [`start_end_rows`], normalized or not (then every row is its two token vectors).
+    fn start_end_rows_scaled(
+        words: &[usize],
+        half: usize,
+        rnd: &mut impl FnMut() -> f32,
+        normalize: bool,
+    ) -> (Vec<f32>, Vec<SpanRecord>, Vec<u32>) {
         let (mut vectors, mut spans, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
         for (e, &n) in words.iter().enumerate() {
             let tokens: Vec<Vec<f32>> = (0..n).map(|_| (0..half).map(|_| rnd()).collect()).collect();
             for s in 0..n {
                 for t in s + 1..=(s + 4).min(n) {
                     let row: Vec<f32> = tokens[s].iter().chain(&tokens[t - 1]).copied().collect();
-                    let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    let norm = if normalize { row.iter().map(|x| x * x).sum::<f32>().sqrt() } else { 1.0 };
                     vectors.extend(row.iter().map(|x| x / norm));
                     spans.push(record(e as u32, 10 * s as u32, 10 * t as u32 - 1));
                 }
@@ -361,7 +431,7 @@ mod tests {
         let half = 48;
         let words: Vec<usize> = (0..1000).map(|i| 1 + i % 9).collect();
         let (vectors, spans, offsets) = start_end_rows(&words, half, &mut rnd);
-        let h = SpanHalves::build(&vectors, 2 * half, &spans, &offsets).expect("start-end rows factor");
+        let h = SpanHalves::build(&vectors, 2 * half, &spans, &offsets, HalvesPrecision::F32).expect("start-end rows factor");
         assert!(h.halves.len() < vectors.len() / 2, "fewer halves than rows");
         let (nf, nl) = (5, 4);
         let firsts: Vec<f32> = (0..nf * half).map(|_| rnd()).collect();
@@ -392,24 +462,63 @@ mod tests {
         }
     }
 
+    /// Bf16 halves widen back exactly: halves that bf16 holds exactly (rows left
+    /// unnormalized, so each stored half is a token vector) search exactly as in f32;
+    /// rounded halves move each similarity by at most about 1e-3 of its norms.
+    #[test]
+    fn bf16_halves_search_like_f32_halves() {
+        let mut rnd = crate::backend::test_floats(21);
+        let half = 40;
+        let words: Vec<usize> = (0..300).map(|i| 1 + i % 11).collect();
+        let (vectors, spans, offsets) = start_end_rows(&words, half, &mut rnd);
+        // token vectors that bf16 holds exactly, rows left unnormalized (alpha = beta = 1)
+        let mut rounded = || half::bf16::from_f32(rnd()).to_f32();
+        let (exact, exact_spans, exact_offsets) = start_end_rows_scaled(&words, half, &mut rounded, false);
+        assert_eq!((&exact_spans, &exact_offsets), (&spans, &offsets));
+        let (nf, nl) = (3, 4);
+        let firsts: Vec<f32> = (0..nf * half).map(|_| rnd()).collect();
+        let lasts: Vec<f32> = (0..nl * half).map(|_| rnd()).collect();
+        let pairs: Vec<(u32, u32, f32)> = (0..12).map(|p| ((p % nf) as u32, (p % nl) as u32, 0.7 + p as f32 / 20.0)).collect();
+        let q = FactoredQueries { firsts: &firsts, lasts: &lasts, pairs: &pairs };
+        let chosen: Vec<usize> = (0..300).collect();
+        let build = |v: &[f32], p| SpanHalves::build(v, 2 * half, &spans, &offsets, p).expect("rows factor");
+        let (f32_exact, bf16_exact) = (build(&exact, HalvesPrecision::F32), build(&exact, HalvesPrecision::Bf16));
+        assert!(matches!(bf16_exact.halves, Halves::Bf16(_)) && bf16_exact.halves.len() == f32_exact.halves.len());
+        let (want, got) = (f32_exact.search(&q, &chosen, 9), bf16_exact.search(&q, &chosen, 9));
+        assert_eq!(got, want, "bf16-exact halves");
+        // normalized rows: the halves themselves are rounded
+        let (want, got) = (build(&vectors, HalvesPrecision::F32).search(&q, &chosen, 9), build(&vectors, HalvesPrecision::Bf16).search(&q, &chosen, 9));
+        let qnorm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let bound = 1.3 * 4e-3 * (qnorm(&firsts).max(qnorm(&lasts)));
+        let mut moved = false;
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.len(), w.len());
+            for (a, b) in g.iter().zip(w) {
+                assert!((a.similarity - b.similarity).abs() <= bound, "{a:?} vs {b:?} (bound {bound})");
+                moved |= a.similarity != b.similarity;
+            }
+        }
+        assert!(moved, "rounded halves should move some similarity");
+    }
+
     #[test]
     fn rows_that_are_not_start_end_do_not_factor() {
         let mut rnd = crate::backend::test_floats(5);
         let (mut vectors, spans, offsets) = start_end_rows(&[4, 6], 8, &mut rnd);
-        assert!(SpanHalves::build(&vectors, 16, &spans, &offsets).is_some());
+        assert!(SpanHalves::build(&vectors, 16, &spans, &offsets, HalvesPrecision::F32).is_some());
         // one element of one row's first half changed: that row no longer shares its half
         vectors[16 * 3 + 2] += 0.01;
-        assert!(SpanHalves::build(&vectors, 16, &spans, &offsets).is_none());
+        assert!(SpanHalves::build(&vectors, 16, &spans, &offsets, HalvesPrecision::F32).is_none());
         // odd dimensions never factor
-        assert!(SpanHalves::build(&vectors[..15 * spans.len()], 15, &spans, &offsets).is_none());
+        assert!(SpanHalves::build(&vectors[..15 * spans.len()], 15, &spans, &offsets, HalvesPrecision::F32).is_none());
     }
 
     #[test]
     fn pushing_examples_matches_building_at_once() {
         let mut rnd = crate::backend::test_floats(3);
         let (vectors, spans, offsets) = start_end_rows(&[3, 7, 2], 12, &mut rnd);
-        let all = SpanHalves::build(&vectors, 24, &spans, &offsets).unwrap();
-        let mut grown = SpanHalves::build(&vectors[..offsets[1] as usize * 24], 24, &spans[..offsets[1] as usize], &offsets[..2]).unwrap();
+        let all = SpanHalves::build(&vectors, 24, &spans, &offsets, HalvesPrecision::F32).unwrap();
+        let mut grown = SpanHalves::build(&vectors[..offsets[1] as usize * 24], 24, &spans[..offsets[1] as usize], &offsets[..2], HalvesPrecision::F32).unwrap();
         for e in 1..3 {
             let end = offsets[e + 1] as usize;
             assert!(grown.push_example(&vectors[..end * 24], &spans[..end], offsets[e]));
