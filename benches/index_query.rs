@@ -17,7 +17,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use nearspan::bench::hnsw::Clusters;
 use nearspan_index::backend::exact::FactoredQueries;
-use nearspan_index::{BackendKind, EncoderInfo, ExampleId, HnswParams, NewSpan, SpanIndex};
+use nearspan_index::{BackendKind, EncoderInfo, ExampleId, HnswParams, NewSpan, SearchParallelism, SpanIndex};
 
 const N: usize = 100_000;
 const BATCH: usize = 45;
@@ -149,7 +149,7 @@ fn search(c: &mut Criterion) {
     let chosen: Vec<ExampleId> = (0..PREFILTER).map(|i| ExampleId(i * 31 % 2000)).collect();
     g.throughput(Throughput::Elements(pairs.len() as u64));
     g.bench_function(BenchmarkId::new(format!("search_spans_among_factored{PREFILTER}_spans55_k10"), "halves"), |b| {
-        b.iter(|| start_end.search_spans_among_factored(&factored, 10, &chosen))
+        b.iter(|| start_end.search_spans_among_factored(&factored, 10, &chosen, SearchParallelism::Split))
     });
     g.finish();
 }

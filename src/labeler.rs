@@ -8,7 +8,7 @@
 //! non-slot example. The alternative, slots only plus a similarity threshold, is
 //! `--no-o-spans`; BENCHMARKS.md compares the two.
 
-use nearspan_index::{BackendKind, EncoderInfo, ExampleId, NewSpan, SpanIndex};
+use nearspan_index::{BackendKind, EncoderInfo, ExampleId, NewSpan, SearchParallelism, SpanIndex};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Example, LabeledSpan};
@@ -418,6 +418,9 @@ pub fn retrieve_with_memory(
     // One batched search: exact search then reads the utterance vectors once per batch.
     let utterance_vectors: Vec<f32> = encoded.iter().flat_map(|enc| utterance_vector(enc, build)).collect();
     let utterance_hits = if encoded.is_empty() { Vec::new() } else { index.search_utterances_batch(&utterance_vectors, n_utterances) };
+    // Utterances are retrieved side by side; one utterance's span search is split
+    // across threads only when there are fewer utterances than threads.
+    let parallelism = if examples.len() >= rayon::current_num_threads() { SearchParallelism::Serial } else { SearchParallelism::Split };
     examples
         .par_iter()
         .zip(encoded.par_iter())
@@ -438,8 +441,8 @@ pub fn retrieve_with_memory(
                     // the nearest examples' spans or, searching exactly, every example's.
                     let f = factored_span_vectors(enc, &ex.words, candidates);
                     let hits = match prefilter {
-                        Some(m) => index.search_spans_among_factored(&f.queries(), cfg.k, &nearest(m)),
-                        None => index.search_spans_factored(&f.queries(), cfg.k),
+                        Some(m) => index.search_spans_among_factored(&f.queries(), cfg.k, &nearest(m), parallelism),
+                        None => index.search_spans_factored(&f.queries(), cfg.k, parallelism),
                     };
                     (f.spans, hits)
                 }

@@ -9,7 +9,7 @@ use crate::backend::tiled::TiledRows;
 use crate::backend::{new_backend, preferred_hnsw, AnnBackend, Vectors};
 use crate::format::{self, Graph, Meta, GRAPH_NONE, GRAPH_USEARCH};
 use crate::{
-    BackendKind, EncoderInfo, ExampleId, ExampleRecord, HalvesPrecision, HnswParams, IndexError, LabelId, Neighbor, NewSpan,
+    BackendKind, EncoderInfo, ExampleId, ExampleRecord, HalvesPrecision, HnswParams, SearchParallelism, IndexError, LabelId, Neighbor, NewSpan,
     SpanRecord,
 };
 
@@ -278,18 +278,20 @@ impl SpanIndex {
     /// same neighbours up to rounding. When the index's span rows are start ⊕ end too,
     /// each example's distinct halves are scored once and each row costs two
     /// multiply-adds ([`prepare_factored_search`](Self::prepare_factored_search));
-    /// otherwise the rows are scanned. Panics if the index dimension is odd or a pair is
+    /// otherwise the rows are scanned. Examples are best given nearest first (as the
+    /// utterance search returns them). Panics if the index dimension is odd or a pair is
     /// out of range.
     pub fn search_spans_among_factored(
         &self,
         queries: &crate::backend::exact::FactoredQueries<'_>,
         k: usize,
         examples: &[ExampleId],
+        parallelism: SearchParallelism,
     ) -> Vec<Vec<Neighbor>> {
         let examples = examples.iter().filter(|e| (e.0 as usize) < self.examples.len());
         if let Some(halves) = self.span_halves() {
             let ids: Vec<usize> = examples.map(|e| e.0 as usize).collect();
-            return halves.search(queries, &ids, k);
+            return halves.search(queries, &ids, k, parallelism);
         }
         let ranges: Vec<std::ops::Range<usize>> = examples
             .map(|&e| {
@@ -304,10 +306,15 @@ impl SpanIndex {
     /// neighbours as [`search_spans_batch`](Self::search_spans_batch) on an exact index
     /// up to rounding, at a fraction of the work when the rows factor too (each
     /// example's distinct halves scored once, two multiply-adds per row).
-    pub fn search_spans_factored(&self, queries: &crate::backend::exact::FactoredQueries<'_>, k: usize) -> Vec<Vec<Neighbor>> {
+    pub fn search_spans_factored(
+        &self,
+        queries: &crate::backend::exact::FactoredQueries<'_>,
+        k: usize,
+        parallelism: SearchParallelism,
+    ) -> Vec<Vec<Neighbor>> {
         if let Some(halves) = self.span_halves() {
             let all: Vec<usize> = (0..self.examples.len()).collect();
-            return halves.search(queries, &all, k);
+            return halves.search(queries, &all, k, parallelism);
         }
         // Rows that do not factor: every row is one contiguous run.
         let all = 0..self.spans.len();

@@ -192,6 +192,17 @@ impl std::str::FromStr for GraphPrecision {
     }
 }
 
+/// Whether one factored span search may split its work across rayon's threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchParallelism {
+    /// Split a large search across the pool: for one query at a time.
+    Split,
+    /// Run on the calling thread: for a caller that already runs searches side by side
+    /// (one per utterance of a batch), where splitting would only add work, since each
+    /// part fills its own top-k heaps from empty and they are merged after.
+    Serial,
+}
+
 /// Precision of the span halves kept in memory for the factored two-stage search
 /// ([`SpanIndex::set_halves_precision`]); never stored in the file. Bf16 halves the bytes
 /// a search reads, which bound it, at about 1e-3 error in each similarity (the query side

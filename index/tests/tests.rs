@@ -218,7 +218,9 @@ mod exact {
         let utterance_queries = clustered(3, dim, 4, 0.7, &mut rng);
         let check = |idx: &SpanIndex, stage: &str| {
             let chosen: Vec<ExampleId> = (0..idx.n_examples() as u32).filter(|e| e % 3 != 1).map(ExampleId).collect();
-            let got = idx.search_spans_among_factored(&queries, 5, &chosen);
+            let split = idx.search_spans_among_factored(&queries, 5, &chosen, SearchParallelism::Split);
+            assert_eq!(idx.search_spans_among_factored(&queries, 5, &chosen, SearchParallelism::Serial), split, "{stage}");
+            let got = split;
             for (p, &(f, l, scale)) in pairs.iter().enumerate() {
                 let q: Vec<f32> = firsts[f as usize * half..][..half].iter().chain(&lasts[l as usize * half..][..half]).map(|x| x * scale).collect();
                 let mut naive: Vec<(u32, f32)> = chosen

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::exact::{products, FactoredQueries};
 use super::{run_parts, TopK, PARALLEL_MIN_WORK};
-use crate::{HalvesPrecision, Neighbor, SpanRecord};
+use crate::{HalvesPrecision, Neighbor, SearchParallelism, SpanRecord};
 
 /// Every example's span rows as distinct halves and per-row coefficients.
 pub(crate) struct SpanHalves {
@@ -145,8 +145,15 @@ impl SpanHalves {
 
     /// The top `k` span rows of `examples` (indices, out-of-range ones skipped) for each
     /// factored query; ids are span ids. The same neighbours as scanning the rows, up to
-    /// rounding.
-    pub(crate) fn search(&self, q: &FactoredQueries<'_>, examples: &[usize], k: usize) -> Vec<Vec<Neighbor>> {
+    /// rounding. The examples are best visited nearest first: the heaps then fill with
+    /// good rows early and later rows rarely enter them.
+    pub(crate) fn search(
+        &self,
+        q: &FactoredQueries<'_>,
+        examples: &[usize],
+        k: usize,
+        parallelism: SearchParallelism,
+    ) -> Vec<Vec<Neighbor>> {
         let half = self.half;
         assert!(q.firsts.len() % half == 0 && q.lasts.len() % half == 0, "query halves are not {half} wide");
         let (nf, nl) = (q.firsts.len() / half, q.lasts.len() / half);
@@ -167,7 +174,7 @@ impl SpanHalves {
             let x = self.examples[e];
             (x.starts as usize * nf + x.ends as usize * nl) * half + x.n_rows as usize * q.pairs.len()
         }).sum();
-        let tasks = if work < PARALLEL_MIN_WORK { 1 } else { (rayon::current_num_threads().max(1) * 2).min(examples.len()) };
+        let tasks = if work < PARALLEL_MIN_WORK || parallelism == SearchParallelism::Serial { 1 } else { (rayon::current_num_threads().max(1) * 2).min(examples.len()) };
         let parts: Vec<&[usize]> =
             if tasks <= 1 { vec![&examples[..]] } else { examples.chunks(examples.len().div_ceil(tasks)).collect() };
         let tops = run_parts(&parts, |part| run(part));
@@ -449,7 +456,9 @@ mod tests {
                     .map(|&e| offsets[e] as usize..offsets[e + 1] as usize)
                     .collect();
                 let want = factored_search_ranges(&vectors, 2 * half, &q, &ranges, 7);
-                let got = h.search(&q, &chosen, 7);
+                let got = h.search(&q, &chosen, 7, SearchParallelism::Split);
+                // on one thread: the same neighbours (the heaps merge exactly)
+                assert_eq!(h.search(&q, &chosen, 7, SearchParallelism::Serial), got, "{n_pairs} pairs");
                 assert_eq!(got.len(), pairs.len());
                 for (p, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(g.len(), w.len());
@@ -484,10 +493,10 @@ mod tests {
         let build = |v: &[f32], p| SpanHalves::build(v, 2 * half, &spans, &offsets, p).expect("rows factor");
         let (f32_exact, bf16_exact) = (build(&exact, HalvesPrecision::F32), build(&exact, HalvesPrecision::Bf16));
         assert!(matches!(bf16_exact.halves, Halves::Bf16(_)) && bf16_exact.halves.len() == f32_exact.halves.len());
-        let (want, got) = (f32_exact.search(&q, &chosen, 9), bf16_exact.search(&q, &chosen, 9));
+        let (want, got) = (f32_exact.search(&q, &chosen, 9, SearchParallelism::Split), bf16_exact.search(&q, &chosen, 9, SearchParallelism::Split));
         assert_eq!(got, want, "bf16-exact halves");
         // normalized rows: the halves themselves are rounded
-        let (want, got) = (build(&vectors, HalvesPrecision::F32).search(&q, &chosen, 9), build(&vectors, HalvesPrecision::Bf16).search(&q, &chosen, 9));
+        let (want, got) = (build(&vectors, HalvesPrecision::F32).search(&q, &chosen, 9, SearchParallelism::Split), build(&vectors, HalvesPrecision::Bf16).search(&q, &chosen, 9, SearchParallelism::Split));
         let qnorm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
         let bound = 1.3 * 4e-3 * (qnorm(&firsts).max(qnorm(&lasts)));
         let mut moved = false;
