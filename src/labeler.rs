@@ -505,23 +505,18 @@ pub fn decide(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig)
 /// [`SlotScorer::min_logit`] left out).
 pub fn decide_with(index: &SpanIndex, ex: &Example, r: &Retrieved, cfg: &QueryConfig, scorer: Option<&SlotScorer>) -> Prediction {
     if let Some(scorer) = scorer {
-        let mut candidates: Vec<Candidate> = scorer
-            .score(r)
-            .into_iter()
-            .filter(|&(_, logit)| logit >= scorer.min_logit)
-            .map(|(i, logit)| Candidate { span: r.spans[i].span, label: r.spans[i].by_label[0].0, score: logit })
-            .collect();
+        let firsts: Vec<(usize, f32)> = scorer.score(r).into_iter().filter(|&(_, logit)| logit >= scorer.min_logit).collect();
+        let mut candidates: Vec<Candidate> =
+            firsts.iter().map(|&(i, logit)| Candidate { span: r.spans[i].span, label: r.spans[i].by_label[0].0, score: logit }).collect();
         // With each label used once, a span whose best label went to a better span may
         // still be a slot of its second label: offered as a second candidate, scored as
         // if that label were its best but never above its first (so it is only reached
         // when the first was skipped for its label).
         if cfg.strategy == Strategy::GreedyUniqueLabels {
-            let firsts = candidates.len();
-            for k in 0..firsts {
-                let first = candidates[k];
-                let Some(e) = r.spans.iter().find(|e| e.span == first.span) else { continue };
+            for &(i, first) in &firsts {
+                let e = &r.spans[i];
                 let Some(x) = crate::scorer::features_as(e, 1) else { continue };
-                let logit = scorer.logit(&x).min(first.score);
+                let logit = scorer.logit(&x).min(first);
                 if logit >= scorer.min_logit {
                     candidates.push(Candidate { span: e.span, label: e.by_label[1].0, score: logit });
                 }
