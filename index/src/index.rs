@@ -9,8 +9,8 @@ use crate::backend::tiled::TiledRows;
 use crate::backend::{new_backend, preferred_hnsw, AnnBackend, Vectors};
 use crate::format::{self, Graph, Meta, GRAPH_NONE, GRAPH_USEARCH};
 use crate::{
-    BackendKind, EncoderInfo, ExampleId, ExampleRecord, HalvesPrecision, HnswParams, SearchParallelism, IndexError, LabelId, Neighbor, NewSpan,
-    SpanRecord,
+    BackendKind, EncoderInfo, ExampleId, ExampleRecord, HalvesPrecision, HnswParams, IndexError, LabelId, Neighbor,
+    NewSpan, SearchParallelism, SpanRecord,
 };
 
 /// With [`BackendKind::Auto`], collections smaller than this are searched exactly.

@@ -204,9 +204,10 @@ pub enum SearchParallelism {
 }
 
 /// Precision of the span halves kept in memory for the factored two-stage search
-/// ([`SpanIndex::set_halves_precision`]); never stored in the file. Bf16 halves the bytes
-/// a search reads, which bound it, at about 1e-3 error in each similarity (the query side
-/// and the sums stay f32; BENCHMARKS.md gives the accuracy cost).
+/// ([`SpanIndex::set_halves_precision`]); never stored in the file. Bf16 halves their
+/// memory and the bytes a search reads (a little faster), at about 1e-3 error in each
+/// similarity (the query side and the sums stay f32; BENCHMARKS.md gives the speed and
+/// the accuracy cost).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HalvesPrecision {
     #[default]
