@@ -816,13 +816,10 @@ mod tests {
     /// without a second label oslo is dropped as before.
     #[test]
     fn unique_labels_give_a_span_that_lost_its_label_its_second() {
-        let info = EncoderInfo { model_id: "toy".into(), revision: "0".into(), pooling: "mean".into(), max_width: 3, dim: 2 };
-        let mut index = SpanIndex::new(info, BackendKind::Exact, HnswParams::default()).unwrap();
-        let city = NewSpan { label: "city", start: 3, end: 8, text: "paris" };
-        index.add_example("to paris", None, &[1.0, 0.0], &[(city, &[1.0, 0.0][..])]).unwrap();
+        let (mut index, city_id) = paris_index();
         let from = NewSpan { label: "from_city", start: 5, end: 10, text: "paris" };
         index.add_example("from paris", None, &[0.0, 1.0], &[(from, &[0.0, 1.0][..])]).unwrap();
-        let (city_id, from_id) = (index.label_id("city").unwrap().0, index.label_id("from_city").unwrap().0);
+        let from_id = index.label_id("from_city").unwrap().0;
         let ex = Example::from_text("from oslo to rome", None);
         let evidence = |start, by_label| SpanEvidence { span: WordSpan { start, end: start + 1 }, by_label, o_score: Some(0.2), slotness: None, memory: Vec::new() };
         let retrieved = |oslo| Retrieved { spans: vec![evidence(1, oslo), evidence(3, vec![(city_id, 0.9, 0)])], utterances: vec![] };

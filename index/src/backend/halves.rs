@@ -76,6 +76,27 @@ impl Halves {
             Halves::Bf16(v) => v.extend(values.iter().map(|&x| half::bf16::from_f32(x).to_bits())),
         }
     }
+
+    /// The elements `range` as f32: borrowed, or widened into `widened` (exactly: a bf16
+    /// is the high half of an f32's bits).
+    #[inline(always)]
+    fn f32s<'a>(&'a self, range: std::ops::Range<usize>, widened: &'a mut Vec<f32>) -> &'a [f32] {
+        match self {
+            Halves::F32(v) => &v[range],
+            Halves::Bf16(v) => {
+                widened.clear();
+                widened.extend(v[range].iter().map(|&b| f32::from_bits(u32::from(b) << 16)));
+                widened
+            }
+        }
+    }
+
+    fn prefetch(&self, range: std::ops::Range<usize>) {
+        match self {
+            Halves::F32(v) => prefetch(&v[range]),
+            Halves::Bf16(v) => prefetch(&v[range]),
+        }
+    }
 }
 
 /// Row = `alpha · first halves[start] ⊕ beta · last halves[end]` (example-local indices).
@@ -187,11 +208,7 @@ impl SpanHalves {
     /// begin with a wait for memory (measured: BENCHMARKS.md, "Two-stage search").
     fn prefetch_example(&self, e: usize) {
         let x = self.examples[e];
-        let range = self.halves_of(x);
-        match &self.halves {
-            Halves::F32(v) => prefetch(&v[range]),
-            Halves::Bf16(v) => prefetch(&v[range]),
-        }
+        self.halves.prefetch(self.halves_of(x));
         prefetch(self.rows_of(x));
     }
 
@@ -245,17 +262,7 @@ impl SpanHalves {
     fn score_example_impl(&self, e: usize, q: &FactoredQueries<'_>, tops: &mut [TopK], w: &mut Scratch) {
         let x = self.examples[e];
         let (half, ns, ne, np) = (self.half, x.starts as usize, x.ends as usize, q.pairs.len());
-        let range = self.halves_of(x);
-        let all: &[f32] = match &self.halves {
-            Halves::F32(v) => &v[range],
-            Halves::Bf16(v) => {
-                // bf16 to f32 is exact: the bits are the f32's high half.
-                w.widened.clear();
-                w.widened.extend(v[range].iter().map(|&b| f32::from_bits(u32::from(b) << 16)));
-                &w.widened
-            }
-        };
-        let (starts, ends) = all.split_at(ns * half);
+        let (starts, ends) = self.halves.f32s(self.halves_of(x), &mut w.widened).split_at(ns * half);
         refill(&mut w.first, q.firsts.len() / half * ns);
         products(q.firsts, starts, half, &mut w.first);
         refill(&mut w.last, q.lasts.len() / half * ne);
