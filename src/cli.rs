@@ -158,7 +158,8 @@ pub struct BuildArgs {
     /// Do not index non-slot spans; a threshold alone then decides what is a slot.
     #[arg(long)]
     pub no_o_spans: bool,
-    /// exact, hnsw-rs, usearch or auto (exact while small).
+    /// exact, hnsw-rs, usearch, ivf (k-means lists of 8-bit codes, rebuilt on open) or
+    /// auto (exact while small, then usearch).
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
     pub backend: BackendKind,
     /// Precision of the HNSW graph's copy of the vectors (usearch): f32, or bf16 for half
@@ -183,7 +184,8 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
         "hnsw-rs" | "hnsw_rs" => Ok(BackendKind::HnswRs),
         "usearch" => Ok(BackendKind::Usearch),
         "auto" => Ok(BackendKind::Auto),
-        other => Err(format!("unknown backend {other:?}; expected exact, hnsw-rs, usearch or auto")),
+        "ivf" => Ok(BackendKind::Ivf),
+        other => Err(format!("unknown backend {other:?}; expected exact, hnsw-rs, usearch, ivf or auto")),
     }
 }
 
@@ -258,7 +260,8 @@ pub struct QuerySettings {
     #[arg(long, default_value_t = crate::encoder::DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=4096).map(|v| v as usize))]
     pub batch_size: usize,
     /// HNSW search list size (ef) for this run; default: the index's own (64 unless built
-    /// otherwise). Smaller is faster and misses more neighbours; no effect on exact search.
+    /// otherwise). With the ivf backend: the lists scanned per query (default 4). Smaller
+    /// is faster and misses more neighbours; no effect on exact search.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
     pub ef: Option<usize>,
     /// Search span neighbours only among the spans of the N examples nearest the whole

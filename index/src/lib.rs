@@ -12,13 +12,14 @@
 //! Vectors must be L2-normalized, so cosine similarity is the dot product and
 //! [`Neighbor::similarity`] lies in `[-1, 1]`.
 //!
-//! Search runs on one of three backends ([`BackendKind`]): brute force
-//! (`Exact`, always available), and two HNSW graphs (Malkov & Yashunin 2016,
-//! <https://arxiv.org/abs/1603.09320>): `hnsw_rs` (feature `hnsw-rs`) and
-//! USearch (feature `usearch`). `Auto` uses exact search below
+//! Search runs on one of four backends ([`BackendKind`]): brute force
+//! (`Exact`, always available), inverted lists of 8-bit codes from k-means
+//! (`Ivf`, always available, [`backend::ivf`]), and two HNSW graphs (Malkov &
+//! Yashunin 2016, <https://arxiv.org/abs/1603.09320>): `hnsw_rs` (feature
+//! `hnsw-rs`) and USearch (feature `usearch`). `Auto` uses exact search below
 //! [`AUTO_EXACT_THRESHOLD`] vectors and the preferred HNSW backend above it.
-//! Stored vectors are the source of truth; a graph is a cache that can always
-//! be rebuilt from them.
+//! Stored vectors are the source of truth; a graph or list set is a cache that
+//! can always be rebuilt from them.
 //!
 //! # On-disk format (little endian)
 //!
@@ -108,13 +109,17 @@ pub enum BackendKind {
     /// `Exact` below [`AUTO_EXACT_THRESHOLD`] vectors, else the preferred available HNSW backend.
     /// Re-resolved as the index grows and when it is opened.
     Auto,
+    /// Inverted lists of 8-bit codes from k-means, re-scored in f32 ([`backend::ivf`]).
+    /// Always built in; lists rebuilt from the vectors on open. Last, so that the
+    /// variants before it keep their numbers in existing index files.
+    Ivf,
 }
 
 impl BackendKind {
     /// Whether this build can run the backend (`Exact` and `Auto` always can).
     pub fn is_available(self) -> bool {
         match self {
-            BackendKind::Exact | BackendKind::Auto => true,
+            BackendKind::Exact | BackendKind::Auto | BackendKind::Ivf => true,
             BackendKind::HnswRs => cfg!(feature = "hnsw-rs"),
             BackendKind::Usearch => cfg!(feature = "usearch"),
         }
@@ -137,6 +142,7 @@ impl std::fmt::Display for BackendKind {
             BackendKind::HnswRs => "hnsw_rs",
             BackendKind::Usearch => "usearch",
             BackendKind::Auto => "auto",
+            BackendKind::Ivf => "ivf",
         })
     }
 }

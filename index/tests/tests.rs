@@ -61,7 +61,7 @@ mod util {
     }
 
     pub fn all_kinds() -> Vec<BackendKind> {
-        let mut v = vec![BackendKind::Exact, BackendKind::Auto];
+        let mut v = vec![BackendKind::Exact, BackendKind::Auto, BackendKind::Ivf];
         v.extend(hnsw_kinds());
         v
     }
@@ -331,10 +331,8 @@ mod exact {
 mod recall {
     #[allow(unused_imports)]
     use super::*;
-    #[cfg(any(feature = "hnsw-rs", feature = "usearch"))]
     use nearspan_index::backend::{exact::exact_search, new_backend};
 
-    #[cfg(any(feature = "hnsw-rs", feature = "usearch"))]
     /// recall@1 of `kind` against exact search on 20k clustered 64-dim vectors.
     fn recall_at_1(kind: BackendKind) -> f32 {
         let mut rng = seeded(&format!("recall_{kind}"));
@@ -356,6 +354,14 @@ mod recall {
     fn hnsw_rs_recall() {
         let recall = recall_at_1(BackendKind::HnswRs);
         println!("hnsw_rs recall@1 = {recall}");
+        assert!(recall >= 0.95, "expected at least 0.95, got {recall}");
+    }
+
+    /// IVF with its defaults: 141 lists, 4 probed.
+    #[test]
+    fn ivf_recall() {
+        let recall = recall_at_1(BackendKind::Ivf);
+        println!("ivf recall@1 = {recall}");
         assert!(recall >= 0.95, "expected at least 0.95, got {recall}");
     }
 

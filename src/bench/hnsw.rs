@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use nearspan_index::backend::{exact::exact_search, new_backend, AnnBackend, UsearchBackend, Vectors};
+use nearspan_index::backend::{exact::exact_search, new_backend, AnnBackend, Ivf, IvfParams, UsearchBackend, Vectors};
 use nearspan_index::{BackendKind, GraphPrecision, HnswParams, Neighbor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -60,6 +60,20 @@ pub struct HnswBenchArgs {
     pub noise: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// The structure measured: usearch (HNSW) or ivf (k-means lists of 8-bit codes,
+    /// re-scored in f32; built in each run, never cached).
+    #[arg(long, default_value = "usearch", value_parser = ["usearch", "ivf"])]
+    pub backend: String,
+    /// IVF: lists (k-means clusters); 0: the square root of --n.
+    #[arg(long, default_value_t = 0)]
+    pub lists: usize,
+    /// IVF: lists scanned per query, the values to measure (comma-separated); the
+    /// headline is the smallest whose recall@1 reaches --target-recall.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,6,8,16")]
+    pub nprobe: Vec<usize>,
+    /// IVF: candidates by 8-bit score re-scored in f32.
+    #[arg(long, default_value_t = IvfParams::default().rerank)]
+    pub rerank: usize,
     /// HNSW `M` (links per node).
     #[arg(long, default_value_t = HnswParams::default().m)]
     pub m: usize,
@@ -209,6 +223,8 @@ pub struct HnswBench {
     pub spans: Option<SpanSource>,
     /// `m` and `ef_construction` are used; `ef_search` is replaced by each of `efs`.
     pub params: HnswParams,
+    /// Measure IVF with these parameters instead of HNSW; `efs` then hold `nprobe` values.
+    pub ivf: Option<IvfParams>,
     pub efs: Vec<usize>,
     pub target_recall: f64,
     /// Where the graph is cached (None: never cached).
@@ -242,6 +258,9 @@ pub struct HnswReport {
     /// [`Clusters::DESCRIPTION`] or [`SpanSource::DESCRIPTION`]: how the data was made.
     pub generator: &'static str,
     pub backend: String,
+    /// IVF only: its parameters and how many rows each list got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ivf: Option<IvfSummary>,
     pub m: usize,
     pub ef_construction: usize,
     pub graph_precision: GraphPrecision,
@@ -268,6 +287,19 @@ impl HnswReport {
         let best = || self.per_ef.iter().max_by(|a, b| a.recall_at_1.total_cmp(&b.recall_at_1));
         self.headline_ef.and_then(|ef| self.per_ef.iter().find(|r| r.ef == ef)).or_else(best).expect("at least one ef")
     }
+}
+
+/// What an IVF run used: `nprobe` is measured per row instead of `ef`.
+#[derive(Debug, Clone, Serialize)]
+pub struct IvfSummary {
+    pub lists: usize,
+    pub rerank: usize,
+    pub sample_per_list: usize,
+    pub iterations: usize,
+    pub seed: u64,
+    pub smallest_list: usize,
+    pub median_list: usize,
+    pub largest_list: usize,
 }
 
 /// Identity of a cached graph: it is reused only if all of this matches.
@@ -334,7 +366,7 @@ impl HnswBench {
         ensure!(self.n <= u32::MAX as usize, "--n {} exceeds the index's u32 ids", self.n);
         ensure!(d.dim > 0 && d.centres > 0, "--dim and --centres must be positive");
         ensure!(d.noise.is_finite() && d.noise >= 0.0, "--noise must be a non-negative number, got {}", d.noise);
-        ensure!(!self.efs.is_empty() && !self.efs.contains(&0), "--ef needs at least one positive value");
+        ensure!(!self.efs.is_empty() && !self.efs.contains(&0), "--ef (--nprobe with ivf) needs at least one positive value, none zero");
         ensure!(self.params.m >= 2 && self.params.ef_construction > 0, "--m must be at least 2, --ef-construction positive");
         Ok(())
     }
@@ -353,32 +385,29 @@ impl HnswBench {
         let generate_s = t.elapsed().as_secs_f64();
         writeln!(log, "{} {n} + {nq} vectors of {dim} dims in {generate_s:.1} s", if self.spans.is_some() { "read" } else { "generated" })?;
 
-        let key = CacheKey {
-            n,
-            data: self.data,
-            m: self.params.m,
-            ef_construction: self.params.ef_construction,
-            graph_precision: self.params.graph_precision,
-            data_fingerprint: fingerprint(&vectors),
-            spans: self.spans.clone(),
-        };
-        let cached = match &self.cache {
-            Some(path) if !self.rebuild => load_graph(path, &key, &self.params)?,
-            _ => None,
-        };
-        let (mut backend, header, cache_load_s) = match cached {
-            Some((backend, header, load_s)) => {
-                writeln!(log, "loaded the graph from {} in {load_s:.1} s (built in {:.1} s)", self.cache.as_ref().unwrap().display(), header.build_s)?;
-                (backend, header, Some(load_s))
+        let (mut backend, build_s, build_threads, cache_load_s, ivf) = match self.ivf {
+            Some(params) => {
+                let t = Instant::now();
+                let ivf = Ivf::build(&vectors, params)?;
+                let build_s = t.elapsed().as_secs_f64();
+                let mut sizes = ivf.list_sizes();
+                sizes.sort_unstable();
+                writeln!(log, "built {} IVF lists in {build_s:.1} s (rows per list {}..{})", sizes.len(), sizes[0], sizes[sizes.len() - 1])?;
+                let summary = IvfSummary {
+                    lists: sizes.len(),
+                    rerank: params.rerank,
+                    sample_per_list: params.sample_per_list,
+                    iterations: params.iterations,
+                    seed: params.seed,
+                    smallest_list: sizes[0],
+                    median_list: sizes[sizes.len() / 2],
+                    largest_list: sizes[sizes.len() - 1],
+                };
+                (Box::new(ivf) as Box<dyn AnnBackend>, build_s, rayon::current_num_threads(), None, Some(summary))
             }
             None => {
-                let (backend, build_s) = self.build(&vectors, log)?;
-                let header = CacheHeader { key, build_s, build_threads: rayon::current_num_threads() };
-                if let Some(path) = &self.cache {
-                    save_graph(path, &header, backend.as_ref())?;
-                    writeln!(log, "cached the graph in {}", path.display())?;
-                }
-                (backend, header, None)
+                let (backend, header, load_s) = self.graph(&vectors, log)?;
+                (backend, header.build_s, header.build_threads, load_s, None)
             }
         };
 
@@ -412,6 +441,7 @@ impl HnswBench {
             spans: self.spans.clone(),
             generator: if self.spans.is_some() { SpanSource::DESCRIPTION } else { Clusters::DESCRIPTION },
             backend: backend.kind().to_string(),
+            ivf,
             m: self.params.m,
             ef_construction: self.params.ef_construction,
             graph_precision: self.params.graph_precision,
@@ -419,14 +449,48 @@ impl HnswBench {
             headline_ef,
             per_ef: rows,
             generate_s,
-            build_s: header.build_s,
-            build_threads: header.build_threads,
+            build_s,
+            build_threads,
             cache_load_s,
             cache: self.cache.clone(),
             graph_memory_bytes: backend.memory_bytes(),
             exact_s,
             exact_gflops,
             threads: rayon::current_num_threads(),
+        })
+    }
+
+    /// The HNSW graph: loaded from the cache when it holds one for this data and these
+    /// parameters, else built (and cached). Also returns the cache's load time.
+    fn graph(&self, vectors: &Vectors, log: &mut dyn Write) -> Result<(Box<dyn AnnBackend>, CacheHeader, Option<f64>)> {
+        let n = vectors.len();
+        let key = CacheKey {
+            n,
+            data: self.data,
+            m: self.params.m,
+            ef_construction: self.params.ef_construction,
+            graph_precision: self.params.graph_precision,
+            data_fingerprint: fingerprint(vectors),
+            spans: self.spans.clone(),
+        };
+        let cached = match &self.cache {
+            Some(path) if !self.rebuild => load_graph(path, &key, &self.params)?,
+            _ => None,
+        };
+        Ok(match cached {
+            Some((backend, header, load_s)) => {
+                writeln!(log, "loaded the graph from {} in {load_s:.1} s (built in {:.1} s)", self.cache.as_ref().unwrap().display(), header.build_s)?;
+                (backend, header, Some(load_s))
+            }
+            None => {
+                let (backend, build_s) = self.build(vectors, log)?;
+                let header = CacheHeader { key, build_s, build_threads: rayon::current_num_threads() };
+                if let Some(path) = &self.cache {
+                    save_graph(path, &header, backend.as_ref())?;
+                    writeln!(log, "cached the graph in {}", path.display())?;
+                }
+                (backend, header, None)
+            }
         })
     }
 
@@ -560,12 +624,13 @@ pub fn run(a: HnswBenchArgs, out: &mut dyn Write) -> Result<()> {
             graph_precision: a.graph_precision,
             ..HnswParams::default()
         },
-        efs: a.ef.clone(),
+        ivf: (a.backend == "ivf").then_some(IvfParams { lists: a.lists, rerank: a.rerank, ..IvfParams::default() }),
+        efs: if a.backend == "ivf" { a.nprobe.clone() } else { a.ef.clone() },
         target_recall: a.target_recall,
         cache: None,
         rebuild: a.rebuild,
     };
-    if !a.no_cache {
+    if !a.no_cache && bench.ivf.is_none() {
         bench.cache = Some(a.cache.clone().unwrap_or_else(|| bench.default_cache_path()));
     }
     let report = bench.measure(out)?;
@@ -576,10 +641,32 @@ pub fn run(a: HnswBenchArgs, out: &mut dyn Write) -> Result<()> {
     detail["command"] = super::encoder::command_line().into();
     detail["loadavg_1min_before"] = load_before.into();
     detail["loadavg_1min_after"] = super::loadavg_1min().into();
-    let (key, headline) = match report.spans {
-        Some(_) => ("hnsw_spans", "hnsw_1m_spans"),
-        None => ("hnsw", "hnsw_1m"),
+    let (key, headline) = match (&report.spans, &report.ivf) {
+        (Some(_), None) => ("hnsw_spans", "hnsw_1m_spans"),
+        (None, None) => ("hnsw", "hnsw_1m"),
+        (Some(_), Some(_)) => ("ivf_spans", "ivf_1m_spans"),
+        (None, Some(_)) => ("ivf", "ivf_1m"),
     };
+    if report.ivf.is_some() {
+        // The rows' breadth is nprobe, not ef: name it so in the results.
+        let o = detail.as_object_mut().expect("a report is an object");
+        let rows = o.get_mut("per_ef").and_then(|v| v.as_array_mut()).into_iter().flatten();
+        for row in rows.filter_map(|r| r.as_object_mut()) {
+            let v = row.remove("ef").unwrap_or_default();
+            row.insert("nprobe".into(), v);
+        }
+        if let Some(h) = o.get_mut("headline").and_then(|v| v.as_object_mut()) {
+            let v = h.remove("ef").unwrap_or_default();
+            h.insert("nprobe".into(), v);
+        }
+        for (from, to) in [("per_ef", "per_nprobe"), ("headline_ef", "headline_nprobe")] {
+            let v = o.remove(from).unwrap_or_default();
+            o.insert(to.into(), v);
+        }
+        for unused in ["m", "ef_construction", "graph_precision", "cache", "cache_load_s"] {
+            o.remove(unused);
+        }
+    }
     super::merge_result(&a.out, &[key], detail)?;
     if report.n == HEADLINE_N {
         let h = report.headline();
@@ -596,11 +683,11 @@ fn write_table(out: &mut dyn Write, r: &HnswReport) -> Result<()> {
         Some(s) => format!("spans of {}, queries from {}", s.index.display(), s.queries.display()),
         None => format!("{} centres, noise {}, seed {}", d.centres, d.noise, d.seed),
     };
-    writeln!(
-        out,
-        "usearch HNSW, n = {}, dim {}, {data}; M = {}, efConstruction = {}; {} queries, one at a time",
-        r.n, r.dim, r.m, r.ef_construction, r.queries
-    )?;
+    let (structure, breadth) = match &r.ivf {
+        Some(v) => (format!("IVF, {} lists (rows per list {}..{}, median {}), {} re-scored", v.lists, v.smallest_list, v.largest_list, v.median_list, v.rerank), "nprobe"),
+        None => (format!("usearch HNSW, M = {}, efConstruction = {}", r.m, r.ef_construction), "ef"),
+    };
+    writeln!(out, "{structure}; n = {}, dim {}, {data}; {} queries, one at a time", r.n, r.dim, r.queries)?;
     writeln!(
         out,
         "build {:.1} s ({} threads{}); exact search {:.1} GFLOP/s",
@@ -609,18 +696,18 @@ fn write_table(out: &mut dyn Write, r: &HnswReport) -> Result<()> {
         r.cache_load_s.map_or(String::new(), |s| format!(", loaded from cache in {s:.1} s")),
         r.exact_gflops
     )?;
-    writeln!(out, "{:>5}  {:>8}  {:>8}  {:>8}  {:>9}  {:>10}  {:>10}", "ef", "recall@1", "p50 µs", "p99 µs", "recall@10", "k=10 p50", "k=10 p99")?;
+    writeln!(out, "{:>6}  {:>8}  {:>8}  {:>8}  {:>9}  {:>10}  {:>10}", breadth, "recall@1", "p50 µs", "p99 µs", "recall@10", "k=10 p50", "k=10 p99")?;
     for row in &r.per_ef {
         writeln!(
             out,
-            "{:>5}  {:>8.3}  {:>8.1}  {:>8.1}  {:>9.3}  {:>10.1}  {:>10.1}",
+            "{:>6}  {:>8.3}  {:>8.1}  {:>8.1}  {:>9.3}  {:>10.1}  {:>10.1}",
             row.ef, row.recall_at_1, row.p50_us, row.p99_us, row.recall_at_10, row.k10_p50_us, row.k10_p99_us
         )?;
     }
     let h = r.headline();
     match r.headline_ef {
-        Some(ef) => writeln!(out, "headline: ef = {ef} is the smallest with recall@1 >= {}: p50 {:.1} µs (recall@1 {:.3})", r.target_recall, h.p50_us, h.recall_at_1)?,
-        None => writeln!(out, "headline: no ef reached recall@1 {}; best ef = {}: recall@1 {:.3}, p50 {:.1} µs; try larger --ef", r.target_recall, h.ef, h.recall_at_1, h.p50_us)?,
+        Some(ef) => writeln!(out, "headline: {breadth} = {ef} is the smallest with recall@1 >= {}: p50 {:.1} µs (recall@1 {:.3})", r.target_recall, h.p50_us, h.recall_at_1)?,
+        None => writeln!(out, "headline: no {breadth} reached recall@1 {}; best {breadth} = {}: recall@1 {:.3}, p50 {:.1} µs; try larger values", r.target_recall, h.ef, h.recall_at_1, h.p50_us)?,
     }
     Ok(())
 }
@@ -683,6 +770,7 @@ mod tests {
             data: d,
             spans: Some(source.clone()),
             params: HnswParams::default(),
+            ivf: None,
             efs: vec![64],
             target_recall: 0.9,
             cache: Some(dir.path().join("g.usearch")),
@@ -717,6 +805,7 @@ mod tests {
             data: data(),
             spans: None,
             params: HnswParams::default(),
+            ivf: None,
             efs: vec![8, 64],
             target_recall: 0.9,
             cache: Some(dir.path().join("g.usearch")),
@@ -733,5 +822,41 @@ mod tests {
         let other = HnswBench { data: Clusters { seed: 8, ..data() }, ..bench.clone() };
         let err = other.measure(&mut std::io::sink()).unwrap_err().to_string();
         assert!(err.contains("--rebuild"), "{err}");
+    }
+
+    /// The IVF run: lists trained, nprobe per row, all lists probed is exact, and the
+    /// results name nprobe (not ef) and go to the `ivf` keys.
+    #[test]
+    fn ivf_bench_measures_nprobe_and_writes_its_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("speed.json");
+        let args = |extra: &[&str]| {
+            use clap::Parser;
+            use crate::cli::{BenchCommand, Cli, Command};
+            let base = ["nearspan", "bench", "hnsw", "--backend", "ivf", "--n", "6000", "--queries", "60", "--centres", "40"];
+            let out = ["--out", out.to_str().unwrap()];
+            let cli = Cli::try_parse_from(base.iter().chain(extra).chain(&out)).unwrap();
+            let Command::Bench(BenchCommand::Hnsw(a)) = cli.command else { panic!("not bench hnsw") };
+            a
+        };
+        let a = args(&["--nprobe", "1,4,77", "--lists", "77"]);
+        assert_eq!((a.backend.as_str(), a.nprobe.clone(), a.lists), ("ivf", vec![1, 4, 77], 77));
+        run(a, &mut std::io::sink()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let ivf = &json["ivf"];
+        assert_eq!(ivf["backend"], "ivf");
+        assert_eq!(ivf["ivf"]["lists"], 77);
+        let rows = ivf["per_nprobe"].as_array().unwrap();
+        assert_eq!(rows.iter().map(|r| r["nprobe"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 4, 77]);
+        assert_eq!(rows[2]["recall_at_1"], 1.0, "probing every list is exact");
+        assert!(rows[1]["recall_at_1"].as_f64().unwrap() >= 0.9, "{}", rows[1]);
+        assert_eq!(ivf["headline"]["nprobe"], ivf["headline_nprobe"]);
+        assert!(ivf.get("per_ef").is_none() && ivf.get("m").is_none() && json.get("hnsw").is_none());
+        assert!(cli_rejects(&["--backend", "faiss"]));
+    }
+
+    fn cli_rejects(extra: &[&str]) -> bool {
+        use clap::Parser;
+        crate::cli::Cli::try_parse_from(["nearspan", "bench", "hnsw"].iter().chain(extra)).is_err()
     }
 }

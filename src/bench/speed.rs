@@ -6,7 +6,8 @@
 //!   batch 32 and p50 latency at batch 1 as ratios, for every precision this CPU runs;
 //! - the end-to-end query ([`super::query`], `query.json`): p50/p99 of one SNIPS test
 //!   utterance and batched throughput, over an index the caller names;
-//! - the HNSW index at 10^6 vectors ([`super::hnsw`], written into `speed.json` itself);
+//! - the HNSW index at 10^6 vectors, then IVF on the same vectors ([`super::hnsw`],
+//!   written into `speed.json` itself);
 //! - the matrix products of one encoder layer at each precision, in GFLOP/s, beside the
 //!   encoder's FLOPs per token, so the write-up can say how close each path gets to the
 //!   machine.
@@ -43,7 +44,7 @@ pub struct SpeedArgs {
     /// Leave out the encoder part.
     #[arg(long)]
     pub skip_encoder: bool,
-    /// Leave out the HNSW part (its first run builds a 10^6-vector graph: about 20 min on 2 cores; later runs load it).
+    /// Leave out the HNSW and IVF part (its first run builds a 10^6-vector graph: about 20 min on 2 cores; later runs load it).
     #[arg(long)]
     pub skip_hnsw: bool,
     /// Graph precision of the HNSW part (bf16: half the memory traffic per distance).
@@ -165,6 +166,13 @@ pub fn run(a: SpeedArgs, out: &mut dyn Write) -> Result<()> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(a.threads)
             .build()?;
+        let mut log = Vec::new();
+        let done = pool.install(|| super::hnsw::run(sub_args("hnsw", &args)?, &mut log));
+        out.write_all(&log)?;
+        done?;
+        // The same vectors and queries through IVF (built in seconds, so never cached).
+        writeln!(out, "== IVF at 10^6 ==")?;
+        let args = vec!["--out".to_string(), a.out.display().to_string(), "--backend".to_string(), "ivf".to_string()];
         let mut log = Vec::new();
         let done = pool.install(|| super::hnsw::run(sub_args("hnsw", &args)?, &mut log));
         out.write_all(&log)?;

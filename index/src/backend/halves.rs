@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 
 use super::exact::{products, FactoredQueries};
-use super::{run_parts, TopK, PARALLEL_MIN_WORK};
+use super::{prefetch, run_parts, TopK, PARALLEL_MIN_WORK};
 use crate::{HalvesPrecision, Neighbor, SearchParallelism, SpanRecord};
 
 /// Every example's span rows as distinct halves and per-row coefficients.
@@ -318,23 +318,6 @@ struct Scratch {
     floors: Vec<f32>,
     /// An example's bf16 halves widened to f32.
     widened: Vec<f32>,
-}
-
-/// Prefetches every cache line of `data` (a hint: no effect on results; nothing on
-/// other architectures).
-fn prefetch<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let (p, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
-        for offset in (0..bytes).step_by(64) {
-            // SAFETY: SSE is part of x86_64; the address lies inside `data`, and a
-            // prefetch never faults anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(offset)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
 }
 
 fn refill(v: &mut Vec<f32>, len: usize) {

@@ -11,6 +11,7 @@ use std::collections::BinaryHeap;
 use crate::{BackendKind, HnswParams, IndexError, Neighbor};
 
 pub mod exact;
+pub mod ivf;
 pub(crate) mod halves;
 pub(crate) mod tiled;
 #[cfg(feature = "hnsw-rs")]
@@ -19,6 +20,7 @@ pub mod hnsw_rs;
 pub mod usearch;
 
 pub use exact::Exact;
+pub use ivf::{Ivf, IvfParams};
 #[cfg(feature = "hnsw-rs")]
 pub use self::hnsw_rs::HnswRsBackend;
 #[cfg(feature = "usearch")]
@@ -107,6 +109,7 @@ pub fn new_backend(
     let _ = (dim, params, capacity);
     match kind {
         BackendKind::Exact => Ok(Box::new(Exact::default())),
+        BackendKind::Ivf => Ok(Box::new(Ivf::new(dim, IvfParams::default()))),
         #[cfg(feature = "hnsw-rs")]
         BackendKind::HnswRs => Ok(Box::new(HnswRsBackend::new(params, capacity))),
         #[cfg(feature = "usearch")]
@@ -128,6 +131,23 @@ pub fn preferred_hnsw() -> Option<BackendKind> {
     } else {
         None
     }
+}
+
+/// Prefetches every cache line of `data` (a hint: no effect on results; nothing on
+/// other architectures).
+pub(crate) fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (p, bytes) = (data.as_ptr() as *const i8, std::mem::size_of_val(data));
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: SSE is part of x86_64; the address lies inside `data`, and a
+            // prefetch never faults anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Below this many multiply-adds an exact search runs on the calling thread.
