@@ -101,6 +101,12 @@ pub struct FewshotArgs {
     /// chosen on the dev domain (where "no memory" is one of the choices).
     #[arg(long, value_name = "DIR", conflicts_with = "no_tune")]
     pub source_memory: Option<PathBuf>,
+    /// Slot descriptions (`name : description` per line, as in snips_fewshot's
+    /// `slot_description`): each becomes a one-span example of its slot, lent to every
+    /// episode whose support set has that label as a memory, like --source-memory (with
+    /// which it combines), the discount chosen on the dev domain.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_tune")]
+    pub slot_descriptions: Option<PathBuf>,
     #[command(flatten)]
     pub build: BuildArgs,
     #[command(flatten)]
@@ -435,10 +441,15 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
     let mut errors = serde_json::Map::new();
     let mut f1s = Vec::new();
     check_folds(&a.folds)?;
-    let source_pool: Option<Vec<Example>> = match &a.source_memory {
+    let mut source_pool: Option<Vec<Example>> = match &a.source_memory {
         Some(dir) => Some(crate::cli::load_examples(dir, Some("train"), "train").context("--source-memory")?),
         None => None,
     };
+    if let Some(path) = &a.slot_descriptions {
+        // No intent, so no fold leaves them out: a description names a label, it is not data.
+        let described = crate::data::read_slot_descriptions(path).context("--slot-descriptions")?;
+        source_pool.get_or_insert_with(Vec::new).extend(described);
+    }
     for &fold in &a.folds {
         let mut fold_encoder = match &a.fold_models {
             Some(pattern) => {
@@ -566,6 +577,7 @@ pub fn run(a: FewshotArgs, out: &mut dyn Write) -> Result<()> {
             "o_spans": build.index_o_spans, "k": base_cfg.k, "decoder": format!("{:?}", base_cfg.strategy),
             "tuned": !a.no_tune, "detector": a.settings.detector, "detector_adapt_epochs": a.detector_adapt, "oracle_detector": a.oracle_detector, "scorer": a.fit_scorer,
             "source_memory": a.source_memory,
+            "slot_descriptions": a.slot_descriptions,
         },
         "seconds": started.elapsed().as_secs_f64().round(),
     });

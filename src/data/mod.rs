@@ -20,6 +20,7 @@ use std::path::PathBuf;
 mod bio;
 mod clinc;
 mod conll;
+mod descriptions;
 mod detect;
 mod error;
 mod fewshot;
@@ -32,6 +33,7 @@ mod segment;
 mod stats;
 
 pub use bio::{spans_to_tags, tags_to_spans};
+pub use descriptions::read_slot_descriptions;
 pub use detect::{detect_format, load};
 pub use error::{BioError, DataError};
 pub use fewshot::read_fewshot;
