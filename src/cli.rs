@@ -158,7 +158,7 @@ pub struct BuildArgs {
     /// Do not index non-slot spans; a threshold alone then decides what is a slot.
     #[arg(long)]
     pub no_o_spans: bool,
-    /// exact, hnsw-rs, usearch, ivf (k-means lists of 8-bit codes, rebuilt on open) or
+    /// exact, hnsw-rs, usearch, ivf (k-means lists of 8-bit codes, re-scored in f32) or
     /// auto (exact while small, then usearch).
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
     pub backend: BackendKind,

@@ -14,7 +14,7 @@
 //!                          backend, HNSW params, labels, example records, span records
 //!                spans     n_spans * dim f32, row-major
 //!                utts      n_examples * dim f32, row-major
-//!                graph     u8 kind (0 none, 1 usearch) + u64 len + bytes, for spans
+//!                graph     u8 kind (0 none, 1 usearch, 2 ivf lists) + u64 len + bytes, for spans
 //!                graph     the same, for utterances
 //! end-4  4     crc32 (crc32fast) of every byte before it
 //! ```
@@ -38,9 +38,12 @@ use serde::{Deserialize, Serialize};
 use crate::{BackendKind, EncoderInfo, ExampleRecord, HnswParams, IndexError, SpanRecord};
 
 pub(crate) const MAGIC: &[u8; 8] = b"NSPANIDX";
-/// The format version this build writes. Version 2 added `HnswParams::graph_precision`
-/// to the metadata; version 1 files read as f32 graphs.
-pub const CURRENT_VERSION: u16 = 2;
+/// The newest format version this build reads and writes. Version 2 added
+/// `HnswParams::graph_precision` to the metadata (version 1 files read as f32 graphs);
+/// version 3 added the `Ivf` backend and its lists section. A file is written at the
+/// oldest version that can hold it (3 only for an IVF index), so builds that read
+/// version 2 keep opening every other index.
+pub const CURRENT_VERSION: u16 = 3;
 /// The oldest format version this build reads.
 pub const OLDEST_SUPPORTED_VERSION: u16 = 1;
 pub(crate) const HEADER_LEN: usize = 56;
@@ -50,8 +53,18 @@ const MAX_DIM: u32 = 1 << 16;
 /// Upper bound on the bincode metadata section.
 const META_LIMIT: usize = 1 << 32;
 
+/// The version an index on `backend` is written at: the oldest that can hold it.
+pub(crate) fn version_for(backend: BackendKind) -> u16 {
+    if backend == BackendKind::Ivf {
+        3
+    } else {
+        2
+    }
+}
+
 pub(crate) const GRAPH_NONE: u8 = 0;
 pub(crate) const GRAPH_USEARCH: u8 = 1;
+pub(crate) const GRAPH_IVF: u8 = 2;
 
 /// Everything but the vectors and graphs.
 #[derive(Debug, Serialize, Deserialize)]
@@ -136,7 +149,7 @@ pub(crate) fn encode(
         + TRAILER_LEN;
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&CURRENT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version_for(meta.backend).to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&meta.encoder.dim.to_le_bytes());
     out.extend_from_slice(&(meta.spans.len() as u32).to_le_bytes());

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use crate::backend::halves::SpanHalves;
 use crate::backend::tiled::TiledRows;
 use crate::backend::{new_backend, preferred_hnsw, AnnBackend, Vectors};
-use crate::format::{self, Graph, Meta, GRAPH_NONE, GRAPH_USEARCH};
+use crate::format::{self, Graph, Meta, GRAPH_IVF, GRAPH_NONE, GRAPH_USEARCH};
 use crate::{
     BackendKind, EncoderInfo, ExampleId, ExampleRecord, HalvesPrecision, HnswParams, IndexError, LabelId, Neighbor,
     NewSpan, SearchParallelism, SpanRecord,
@@ -83,7 +83,12 @@ fn build_backend(
         // A graph that does not load (e.g. a future USearch format) is only a cache:
         // fall through and rebuild it from the vectors.
     }
-    let _ = graph;
+    if kind == BackendKind::Ivf && graph.0 == GRAPH_IVF {
+        if let Some(ivf) = crate::backend::Ivf::from_bytes(graph.1, vectors.dim(), vectors.len()) {
+            return Ok(Box::new(ivf));
+        }
+        // Lists that do not decode are only a cache, like a graph: cluster again.
+    }
     let mut backend = new_backend(kind, vectors.dim(), params, vectors.len()).map_err(|k| {
         IndexError::BackendUnavailable { path: path.to_path_buf(), requested: k, feature: k.feature().unwrap_or("?") }
     })?;
@@ -460,6 +465,12 @@ impl SpanIndex {
         self.span_set.kind()
     }
 
+    /// The format version [`save`](Self::save) writes this index at: 3 on the IVF
+    /// backend, else 2 (which builds before IVF also read).
+    pub fn format_version(&self) -> u16 {
+        format::version_for(self.requested)
+    }
+
     /// Serialize to the on-disk format (see [`save`](Self::save)).
     pub fn to_bytes(&self) -> Result<Vec<u8>, IndexError> {
         let meta = Meta {
@@ -472,13 +483,17 @@ impl SpanIndex {
         };
         let span_graph = self.span_set.backend.graph_bytes()?;
         let utt_graph = self.utt_set.backend.graph_bytes()?;
-        let tag = |g: &Option<Vec<u8>>| if g.is_some() { GRAPH_USEARCH } else { GRAPH_NONE };
+        let tag = |g: &Option<Vec<u8>>, kind: BackendKind| match (g, kind) {
+            (None, _) => GRAPH_NONE,
+            (Some(_), BackendKind::Ivf) => GRAPH_IVF,
+            (Some(_), _) => GRAPH_USEARCH,
+        };
         Ok(format::encode(
             &meta,
             self.span_set.vectors.as_slice(),
             self.utt_set.vectors.as_slice(),
-            (tag(&span_graph), span_graph.as_deref().unwrap_or(&[])),
-            (tag(&utt_graph), utt_graph.as_deref().unwrap_or(&[])),
+            (tag(&span_graph, self.span_set.kind()), span_graph.as_deref().unwrap_or(&[])),
+            (tag(&utt_graph, self.utt_set.kind()), utt_graph.as_deref().unwrap_or(&[])),
         ))
     }
 

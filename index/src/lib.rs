@@ -110,7 +110,7 @@ pub enum BackendKind {
     /// Re-resolved as the index grows and when it is opened.
     Auto,
     /// Inverted lists of 8-bit codes from k-means, re-scored in f32 ([`backend::ivf`]).
-    /// Always built in; lists rebuilt from the vectors on open. Last, so that the
+    /// Always built in; the lists are stored in the file (format v3). Last, so that the
     /// variants before it keep their numbers in existing index files.
     Ivf,
 }

@@ -421,6 +421,40 @@ mod format {
         }
     }
 
+    /// A trained IVF index (past `min_train_rows`, clustered from its codes as examples
+    /// arrived) opens with the lists it was saved with, not re-clustered from the f32
+    /// rows (which would give other lists and other bytes), and searches the same.
+    #[test]
+    fn ivf_lists_are_stored_not_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = seeded("ivf_lists_are_stored");
+        let index = build(BackendKind::Ivf, 2500, 16, &mut rng);
+        assert!(index.n_spans() >= nearspan_index::backend::IvfParams::default().min_train_rows());
+        let path = dir.path().join("ivf.nsi");
+        index.save(&path).unwrap();
+        assert_eq!(nearspan_index::file_format_version(&path).unwrap(), 3);
+        let opened = SpanIndex::open(&path, None).unwrap();
+        assert_eq!(opened.to_bytes().unwrap(), fs::read(&path).unwrap());
+        let q = index.span_vector(17).to_vec();
+        assert_eq!(opened.search_spans(&q, 5), index.search_spans(&q, 5));
+        // Damaged lists under a valid checksum are a cache miss: the index clusters again.
+        let mut bytes = fs::read(&path).unwrap();
+        let n = bytes.len();
+        // Past the header, the metadata and both vector sections: the span lists' tag.
+        let mut at = 56;
+        for _ in 0..3 {
+            at += 8 + u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        }
+        assert_eq!(bytes[at], 2, "the span lists' section is tagged ivf");
+        // Their first byte starts a varint; 0xfd announces 8 more bytes, so the rest no longer lines up.
+        bytes[at + 9] = 0xfd;
+        let crc = crc32(&bytes[..n - 4]);
+        bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        let rebuilt = SpanIndex::from_bytes(&bytes, None).unwrap();
+        assert_eq!(rebuilt.search_spans(&q, 1)[0].id, 17);
+        assert_ne!(rebuilt.to_bytes().unwrap(), fs::read(&path).unwrap(), "re-clustered, so other lists");
+    }
+
     fn saved(dir: &Path) -> (SpanIndex, std::path::PathBuf, Vec<u8>) {
         let mut rng = seeded("saved");
         let index = build(BackendKind::Exact, 20, 8, &mut rng);
@@ -477,7 +511,8 @@ mod format {
         let (index, path, bytes) = saved(dir.path());
         let s = SpanIndex::summary(&path).unwrap();
         let opened = SpanIndex::open(&path, None).unwrap();
-        assert_eq!(s.format_version, CURRENT_VERSION);
+        assert_eq!(s.format_version, 2, "an exact index is written at v2");
+        assert_eq!(s.format_version, index.format_version());
         assert_eq!((s.n_examples, s.n_spans), (index.n_examples(), index.n_spans()));
         assert_eq!((s.n_examples, s.n_spans), (opened.n_examples(), opened.n_spans()));
         assert_eq!(s.labels, opened.labels().map(str::to_string).collect::<Vec<_>>());
@@ -697,6 +732,11 @@ mod compat {
 
     /// The fixture: toy 4-dim vectors, three examples, exact backend.
     fn fixture() -> SpanIndex {
+        fixture_with(BackendKind::Exact)
+    }
+
+    /// The fixture's examples on another backend (v3's file holds it on `Ivf`).
+    fn fixture_with(backend: BackendKind) -> SpanIndex {
         let encoder = EncoderInfo {
             model_id: "nearspan/toy-encoder".into(),
             revision: "sha256:00000000".into(),
@@ -704,7 +744,7 @@ mod compat {
             max_width: 4,
             dim: 4,
         };
-        let mut index = SpanIndex::new(encoder, BackendKind::Exact, FIXTURE_PARAMS).unwrap();
+        let mut index = SpanIndex::new(encoder, backend, FIXTURE_PARAMS).unwrap();
         let s = |x: f32, y: f32, z: f32, w: f32| {
             let mut v = vec![x, y, z, w];
             normalize(&mut v);
@@ -744,7 +784,7 @@ mod compat {
     #[test]
     #[ignore]
     fn write_compat_current() {
-        fixture().save(&data_path(CURRENT_VERSION)).unwrap();
+        fixture_with(BackendKind::Ivf).save(&data_path(CURRENT_VERSION)).unwrap();
     }
 
     /// The header's version is readable on its own, and a non-index file is refused.
@@ -752,6 +792,7 @@ mod compat {
     fn file_format_version_reads_the_header() {
         assert_eq!(file_format_version(&data_path(1)).unwrap(), 1);
         assert_eq!(file_format_version(&data_path(2)).unwrap(), 2);
+        assert_eq!(file_format_version(&data_path(3)).unwrap(), 3);
         let dir = tempfile::tempdir().unwrap();
         let other = dir.path().join("notes.txt");
         std::fs::write(&other, "hello, not an index").unwrap();
@@ -762,19 +803,19 @@ mod compat {
     }
 
     /// Every committed format version stays readable forever; v1 (before graph
-    /// precision existed) reads as an f32 graph.
+    /// precision existed) reads as an f32 graph, v3 holds the IVF backend's lists.
     #[test]
-    fn compat_v1_and_v2() {
-        for version in [1, 2] {
+    fn compat_v1_v2_and_v3() {
+        for (version, backend) in [(1, BackendKind::Exact), (2, BackendKind::Exact), (3, BackendKind::Ivf)] {
             let index = SpanIndex::open(&data_path(version), None).unwrap_or_else(|e| panic!("index_v{version}.nsi must open: {e}"));
-            check_fixture(&index);
+            check_fixture(&index, backend);
         }
     }
 
-    fn check_fixture(index: &SpanIndex) {
+    fn check_fixture(index: &SpanIndex, backend: BackendKind) {
         assert_eq!(index.encoder().model_id, "nearspan/toy-encoder");
         assert_eq!(index.encoder().dim, 4);
-        assert_eq!(index.backend(), BackendKind::Exact);
+        assert_eq!(index.backend(), backend);
         assert_eq!((index.n_examples(), index.n_spans(), index.n_labels()), (3, 4, 3));
         assert_eq!(index.labels().collect::<Vec<_>>(), ["from_city", "to_city", "O"]);
         assert_eq!(index.params(), &FIXTURE_PARAMS);
@@ -789,13 +830,17 @@ mod compat {
         assert_eq!(index.search_utterances(&[0.0, 0.0, 0.0, 1.0], 1)[0].id, 2);
     }
 
-    /// This build still writes exactly v2: if this fails, the format changed. Bump
-    /// `CURRENT_VERSION`, keep the committed files and add one for the new version.
+    /// This build still writes exactly v2 for an index without IVF, and exactly v3 for
+    /// one with it: if this fails, the format changed. Bump `CURRENT_VERSION`, keep the
+    /// committed files and add one for the new version.
     #[test]
-    fn writer_still_produces_v2_bytes() {
-        assert_eq!(CURRENT_VERSION, 2);
+    fn writer_still_produces_v2_bytes_and_v3_for_ivf() {
+        assert_eq!(CURRENT_VERSION, 3);
         let committed = std::fs::read(data_path(2)).unwrap();
         assert_eq!(fixture().to_bytes().unwrap(), committed);
+        assert!(committed.len() < 4096, "fixture is {} bytes", committed.len());
+        let committed = std::fs::read(data_path(3)).unwrap();
+        assert_eq!(fixture_with(BackendKind::Ivf).to_bytes().unwrap(), committed);
         assert!(committed.len() < 4096, "fixture is {} bytes", committed.len());
     }
 }

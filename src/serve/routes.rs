@@ -129,7 +129,7 @@ async fn index_info(AxumState(state): S) -> Json<Value> {
     }
     Json(json!({
         "path": state.index_path,
-        "format_version": nearspan_index::CURRENT_VERSION,
+        "format_version": index.format_version(),
         "examples": index.n_examples(),
         "spans": index.n_spans(),
         "labels": index.labels().collect::<Vec<_>>(),

@@ -21,7 +21,9 @@
 //! build over existing vectors, or an index being opened) trains on those rows. Rows
 //! inserted one by one before there are that many go to one list, which every query
 //! scans, and the insert that reaches the threshold clusters all of them from their
-//! codes. Lists stay fixed after that: later rows join their closest list.
+//! codes. Lists stay fixed after that: later rows join their closest list. An index
+//! file stores the lists ([`AnnBackend::graph_bytes`]), so opening one does not
+//! cluster again.
 
 use rayon::prelude::*;
 
@@ -33,7 +35,7 @@ use crate::{BackendKind, IndexError, Neighbor};
 const CODE_ALIGN: usize = 64;
 
 /// How the lists are made and searched.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IvfParams {
     /// Number of lists; 0: the square root of the rows at training time.
     pub lists: usize,
@@ -71,7 +73,7 @@ impl IvfParams {
 }
 
 /// One list: its rows' ids, 8-bit codes (`width` bytes each) and scales.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct List {
     ids: Vec<u32>,
     codes: Vec<u8>,
@@ -79,7 +81,7 @@ struct List {
 }
 
 /// The IVF backend. See the module docs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Ivf {
     params: IvfParams,
     dim: usize,
@@ -110,6 +112,32 @@ impl Ivf {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Restores lists saved by [`AnnBackend::graph_bytes`] for `n` rows of `dim`
+    /// dimensions. `None` when the bytes do not decode or do not describe such rows (every
+    /// id in range, every list's codes and scales the length of its ids): the caller then
+    /// rebuilds from the vectors, which are the source of truth.
+    pub fn from_bytes(bytes: &[u8], dim: usize, n: usize) -> Option<Ivf> {
+        let config = bincode::config::standard().with_limit::<{ 1 << 40 }>();
+        let (ivf, used): (Ivf, usize) = bincode::serde::decode_from_slice(bytes, config).ok()?;
+        let lists_ok = ivf.lists.iter().all(|l| {
+            l.codes.len() == l.ids.len() * ivf.width && l.scales.len() == l.ids.len() && l.ids.iter().all(|&id| (id as usize) < n)
+        });
+        let shape_ok = ivf.dim == dim
+            && ivf.width == dim.next_multiple_of(CODE_ALIGN)
+            && ivf.len == n
+            && ivf.lists.iter().map(|l| l.ids.len()).sum::<usize>() == n
+            && !ivf.lists.is_empty()
+            && if ivf.is_trained() {
+                ivf.centroids.len() == ivf.lists.len() * dim
+                    && ivf.centroid_codes.ids.len() == ivf.lists.len()
+                    && ivf.centroid_codes.codes.len() == ivf.lists.len() * ivf.width
+                    && ivf.centroid_codes.scales.len() == ivf.lists.len()
+            } else {
+                ivf.lists.len() == 1
+            };
+        (used == bytes.len() && lists_ok && shape_ok).then_some(ivf)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -258,6 +286,13 @@ impl AnnBackend for Ivf {
     /// The lists scanned per query (`nprobe`): IVF's counterpart of `ef`.
     fn set_ef_search(&mut self, ef: usize) {
         self.set_nprobe(ef);
+    }
+    /// The lists, codes and centroids (bincode), so that opening an index does not
+    /// cluster again; [`Ivf::from_bytes`] reads them back.
+    fn graph_bytes(&self) -> Result<Option<Vec<u8>>, IndexError> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .map(Some)
+            .map_err(|e| IndexError::Backend { backend: BackendKind::Ivf, message: e.to_string() })
     }
     fn memory_bytes(&self) -> usize {
         self.centroids.capacity() * 4
