@@ -684,6 +684,10 @@ mod tests {
             &["bench", "full", "--data", "d"],
             &["bench", "clinc", "--data", "d", "--shots", "5", "--method", "finetune"],
             &["bench", "query", "--index", "i", "--data", "d"],
+            &["bench", "query", "--index", "i", "--data", "d", "--passes", "5"],
+            &["bench", "fewshot", "--data", "d", "--shots", "1", "--slot-descriptions", "f"],
+            &["index", "build", "--examples", "x", "--out", "y", "--backend", "ivf"],
+            &["bench", "hnsw", "--backend", "ivf", "--nprobe", "1,2", "--lists", "100"],
             &["bench", "encoder", "--precisions", "f32,bf16"],
             &["bench", "train-step"],
             &["bench", "hnsw", "--n", "1000"],
@@ -695,6 +699,13 @@ mod tests {
             if let Err(e) = super::Cli::try_parse_from(args) {
                 panic!("nearspan {}: {e}", line.join(" "));
             }
+        }
+        for bad in [
+            &["bench", "query", "--index", "i", "--data", "d", "--passes", "0"][..],
+            &["index", "build", "--examples", "x", "--out", "y", "--backend", "faiss"],
+        ] {
+            let args = std::iter::once("nearspan").chain(bad.iter().copied());
+            assert!(super::Cli::try_parse_from(args).is_err(), "nearspan {} must be refused", bad.join(" "));
         }
     }
 }
