@@ -21,7 +21,9 @@
 //! build over existing vectors, or an index being opened) trains on those rows. Rows
 //! inserted one by one before there are that many go to one list, which every query
 //! scans, and the insert that reaches the threshold clusters all of them from their
-//! codes. Lists stay fixed after that: later rows join their closest list. An index
+//! codes. Later rows join their closest list, and once the rows are 4 times as many as
+//! when the lists were last made, they are all clustered again from their codes (so
+//! an index that grows one example at a time keeps about √n lists). An index
 //! file stores the lists ([`AnnBackend::graph_bytes`]), so opening one does not
 //! cluster again.
 
@@ -94,13 +96,18 @@ pub struct Ivf {
     centroid_codes: List,
     lists: Vec<List>,
     len: usize,
+    /// Rows when the lists were last made (0: never).
+    clustered_at: usize,
 }
+
+/// The rows grow this many times over before the lists are made again.
+const RECLUSTER_GROWTH: usize = 4;
 
 impl Ivf {
     /// An empty, untrained index.
     pub fn new(dim: usize, params: IvfParams) -> Self {
         assert!(dim > 0, "vector dimension must be positive");
-        Ivf { params, dim, width: dim.next_multiple_of(CODE_ALIGN), centroids: Vec::new(), centroid_codes: List::default(), lists: vec![List::default()], len: 0 }
+        Ivf { params, dim, width: dim.next_multiple_of(CODE_ALIGN), centroids: Vec::new(), centroid_codes: List::default(), lists: vec![List::default()], len: 0, clustered_at: 0 }
     }
 
     /// Clusters all rows of `data`: [`AnnBackend::insert_batch`] on an empty index.
@@ -214,6 +221,7 @@ impl Ivf {
             }
         }
         self.set_centroids(train(&rows, dim, self.params.lists_for(self.len), &self.params));
+        self.clustered_at = self.len;
         self.len = 0;
         self.assign_all(&rows, 0);
     }
@@ -252,9 +260,11 @@ impl AnnBackend for Ivf {
         if self.len == 0 && n >= self.params.min_train_rows() {
             // Enough rows at once (building over existing vectors): train on them in f32.
             self.set_centroids(train(rows, dim, self.params.lists_for(n), &self.params));
+            self.clustered_at = n;
         }
         self.assign_all(rows, first_id);
-        if !self.is_trained() && self.len >= self.params.min_train_rows() {
+        let grown = self.is_trained() && self.len >= RECLUSTER_GROWTH * self.clustered_at;
+        if grown || (!self.is_trained() && self.len >= self.params.min_train_rows()) {
             self.train_from_codes();
         }
         Ok(())
@@ -655,6 +665,25 @@ mod tests {
         assert_eq!(ids, (0..data.len() as u32).collect::<Vec<_>>(), "every row in exactly one list");
         let q = data.row(123);
         assert_eq!(ivf.search(&data, q, 1)[0].id, 123);
+    }
+
+    #[test]
+    fn lists_are_made_again_as_rows_grow_fourfold() {
+        let data = clustered(8, 30, 600, 0.5, 9);
+        let mut ivf = Ivf::new(8, IvfParams::default());
+        let min = IvfParams::default().min_train_rows();
+        let mut lists_seen = Vec::new();
+        for (i, v) in data.as_slice().chunks_exact(8).enumerate() {
+            ivf.insert(i as u32, v).unwrap();
+            if i + 1 == min || i + 1 == 4 * min - 1 || i + 1 == 4 * min {
+                lists_seen.push((i + 1, ivf.lists(), ivf.clustered_at));
+            }
+        }
+        // √4096 = 64 lists at the threshold, unchanged until the rows are 4 times as
+        // many, then √16384 = 128.
+        assert_eq!(lists_seen, vec![(min, 64, min), (4 * min - 1, 64, min), (4 * min, 128, 4 * min)]);
+        assert_eq!(ivf.list_sizes().iter().sum::<usize>(), data.len());
+        assert_eq!(ivf.search(&data, data.row(5000), 1)[0].id, 5000);
     }
 
     #[test]
