@@ -3,9 +3,10 @@
 //! `nprobe` closest lists and re-scores its best `rerank` candidates exactly in f32.
 //!
 //! Why beside HNSW: at 10⁶ rows an HNSW walk reads every vector it visits from a random
-//! place in memory, thousands per query, and waits for most of them; a list is read
-//! front to back, which the hardware prefetcher streams, and its codes are a quarter of
-//! the f32 bytes. On clustered data (span vectors of one label lie close together) the
+//! place in memory, thousands per query; a list is read front to back, which the
+//! hardware prefetcher can stream, and its codes are a quarter of the f32 bytes
+//! (BENCHMARKS.md, "IVF at 10⁶": 11× faster than HNSW at recall 0.985 on clustered
+//! vectors, about 1.5× on real span vectors). On clustered data (span vectors of one label lie close together) the
 //! true neighbours sit in the query's few closest lists.
 //!
 //! Codes: each row is scaled by its own largest magnitude to integers in −127..=127 and
