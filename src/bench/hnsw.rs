@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use nearspan_index::backend::{exact::exact_search, new_backend, AnnBackend, Ivf, IvfParams, UsearchBackend, Vectors};
+use nearspan_index::backend::{exact::exact_search, new_backend, AnnBackend, CodeKernel, Ivf, IvfParams, UsearchBackend, Vectors};
 use nearspan_index::{BackendKind, GraphPrecision, HnswParams, Neighbor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -292,6 +292,8 @@ impl HnswReport {
 /// What an IVF run used: `nprobe` is measured per row instead of `ef`.
 #[derive(Debug, Clone, Serialize)]
 pub struct IvfSummary {
+    /// The 8-bit dot-product kernel (`NEARSPAN_IVF_KERNEL` picks a slower one).
+    pub kernel: &'static str,
     pub lists: usize,
     pub rerank: usize,
     pub sample_per_list: usize,
@@ -394,6 +396,7 @@ impl HnswBench {
                 sizes.sort_unstable();
                 writeln!(log, "built {} IVF lists in {build_s:.1} s (rows per list {}..{})", sizes.len(), sizes[0], sizes[sizes.len() - 1])?;
                 let summary = IvfSummary {
+                    kernel: CodeKernel::get().name(),
                     lists: sizes.len(),
                     rerank: params.rerank,
                     sample_per_list: params.sample_per_list,
@@ -684,7 +687,7 @@ fn write_table(out: &mut dyn Write, r: &HnswReport) -> Result<()> {
         None => format!("{} centres, noise {}, seed {}", d.centres, d.noise, d.seed),
     };
     let (structure, breadth) = match &r.ivf {
-        Some(v) => (format!("IVF, {} lists (rows per list {}..{}, median {}), {} re-scored", v.lists, v.smallest_list, v.largest_list, v.median_list, v.rerank), "nprobe"),
+        Some(v) => (format!("IVF ({} kernel), {} lists (rows per list {}..{}, median {}), {} re-scored", v.kernel, v.lists, v.smallest_list, v.largest_list, v.median_list, v.rerank), "nprobe"),
         None => (format!("usearch HNSW, M = {}, efConstruction = {}", r.m, r.ef_construction), "ef"),
     };
     writeln!(out, "{structure}; n = {}, dim {}, {data}; {} queries, one at a time", r.n, r.dim, r.queries)?;

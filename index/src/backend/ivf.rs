@@ -447,20 +447,65 @@ impl QueryCodes {
 /// `out[r]` = the dot product of `query` with code row `r` of `codes` (`width` bytes each).
 fn code_dots(query: &[i8], codes: &[u8], width: usize, out: &mut [i32]) {
     debug_assert!(width.is_multiple_of(CODE_ALIGN) && query.len() == width && codes.len() == out.len() * width);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU supports the features the function is compiled for, and
-            // every row is `width` bytes, a multiple of 64 (checked above in debug builds,
-            // by construction in `quantize`).
-            return unsafe { code_dots_vnni(query, codes, width, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above; rows are a multiple of 64 bytes, so of the 16 read at a time.
-            return unsafe { code_dots_avx2(query, codes, width, out) };
+    match CodeKernel::get() {
+        // SAFETY: `get` picks a kernel only when the CPU has its features, and every row
+        // is `width` bytes, a multiple of 64 (checked above in debug builds, by
+        // construction in `quantize`), so whole registers of 64 or 16 bytes are read.
+        #[cfg(target_arch = "x86_64")]
+        CodeKernel::Vnni => unsafe { code_dots_vnni(query, codes, width, out) },
+        #[cfg(target_arch = "x86_64")]
+        CodeKernel::Avx2 => unsafe { code_dots_avx2(query, codes, width, out) },
+        _ => code_dots_portable(query, codes, width, out),
+    }
+}
+
+/// Which 8-bit dot-product kernel this CPU runs: the fastest it has, or the one named by
+/// `NEARSPAN_IVF_KERNEL` (`vnni`, `avx2`, `portable`) when it has that one, so that the
+/// slower kernels can be measured on a machine with the fast one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeKernel {
+    Vnni,
+    Avx2,
+    Portable,
+}
+
+impl CodeKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            CodeKernel::Vnni => "avx512-vnni",
+            CodeKernel::Avx2 => "avx2",
+            CodeKernel::Portable => "portable",
         }
     }
-    code_dots_portable(query, codes, width, out);
+
+    /// The kernel in use (decided once per process).
+    pub fn get() -> CodeKernel {
+        static KERNEL: std::sync::OnceLock<CodeKernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            let has = |k: CodeKernel| k.supported();
+            let asked = match std::env::var("NEARSPAN_IVF_KERNEL").as_deref() {
+                Ok("vnni") => Some(CodeKernel::Vnni),
+                Ok("avx2") => Some(CodeKernel::Avx2),
+                Ok("portable") => Some(CodeKernel::Portable),
+                _ => None,
+            };
+            asked.filter(|&k| has(k)).unwrap_or_else(|| {
+                [CodeKernel::Vnni, CodeKernel::Avx2].into_iter().find(|&k| has(k)).unwrap_or(CodeKernel::Portable)
+            })
+        })
+    }
+
+    fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            CodeKernel::Vnni => std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw"),
+            #[cfg(target_arch = "x86_64")]
+            CodeKernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            CodeKernel::Portable => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
 }
 
 fn code_dots_portable(query: &[i8], codes: &[u8], width: usize, out: &mut [i32]) {
@@ -611,13 +656,13 @@ mod tests {
             assert_eq!(got, want, "portable");
             #[cfg(target_arch = "x86_64")]
             {
-                if std::arch::is_x86_feature_detected!("avx2") {
+                if CodeKernel::Avx2.supported() {
                     got.fill(0);
                     // SAFETY: the CPU has AVX2; rows are `width` (a multiple of 64) bytes.
                     unsafe { code_dots_avx2(query, codes, width, &mut got) };
                     assert_eq!(got, want, "avx2");
                 }
-                if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw") {
+                if CodeKernel::Vnni.supported() {
                     got.fill(0);
                     // SAFETY: as above, for AVX512-VNNI.
                     unsafe { code_dots_vnni(query, codes, width, &mut got) };

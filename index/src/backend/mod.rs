@@ -20,7 +20,7 @@ pub mod hnsw_rs;
 pub mod usearch;
 
 pub use exact::Exact;
-pub use ivf::{Ivf, IvfParams};
+pub use ivf::{CodeKernel, Ivf, IvfParams};
 #[cfg(feature = "hnsw-rs")]
 pub use self::hnsw_rs::HnswRsBackend;
 #[cfg(feature = "usearch")]
