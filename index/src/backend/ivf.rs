@@ -93,7 +93,7 @@ pub struct Ivf {
     /// Unit centroids, `lists.len()` × `dim`; empty until trained (then `lists` has one list).
     centroids: Vec<f32>,
     /// The centroids as 8-bit codes (a quarter of the bytes, so they stay in cache),
-    /// which choose the lists to probe.
+    /// which choose the lists to probe. No ids: code row `i` is list `i`'s centroid.
     centroid_codes: List,
     lists: Vec<List>,
     len: usize,
@@ -139,7 +139,6 @@ impl Ivf {
             && !ivf.lists.is_empty()
             && if ivf.is_trained() {
                 ivf.centroids.len() == ivf.lists.len() * dim
-                    && ivf.centroid_codes.ids.len() == ivf.lists.len()
                     && ivf.centroid_codes.codes.len() == ivf.lists.len() * ivf.width
                     && ivf.centroid_codes.scales.len() == ivf.lists.len()
             } else {
@@ -170,15 +169,10 @@ impl Ivf {
         self.params.nprobe = nprobe.max(1);
     }
 
-    pub fn set_rerank(&mut self, rerank: usize) {
-        self.params.rerank = rerank;
-    }
-
     fn set_centroids(&mut self, centroids: Vec<f32>) {
         let mut codes = List::default();
-        for (i, c) in centroids.chunks_exact(self.dim).enumerate() {
+        for c in centroids.chunks_exact(self.dim) {
             let (code, scale) = quantize(c, self.width);
-            codes.ids.push(i as u32);
             codes.codes.extend_from_slice(&code);
             codes.scales.push(scale);
         }
@@ -308,6 +302,7 @@ impl AnnBackend for Ivf {
     fn memory_bytes(&self) -> usize {
         self.centroids.capacity() * 4
             + self.centroid_codes.codes.capacity()
+            + self.centroid_codes.scales.capacity() * 4
             + self.lists.iter().map(|l| l.ids.capacity() * 4 + l.codes.capacity() + l.scales.capacity() * 4).sum::<usize>()
     }
 }
